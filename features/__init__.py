@@ -1,0 +1,1 @@
+"""streamrec features component (see docs/ and DESIGN)."""

@@ -1,0 +1,1 @@
+"""streamrec model component (see docs/ and DESIGN)."""

@@ -1,0 +1,1 @@
+"""streamrec retrain component (see docs/ and DESIGN)."""

@@ -1,0 +1,1 @@
+"""streamrec serving component (see docs/ and DESIGN)."""
