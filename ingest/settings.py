@@ -33,27 +33,41 @@ class KafkaSettings(BaseSettings):
         "confluent",
         description="confluent = confluent-kafka (librdkafka, fast); kafka-python = pure Python",
     )
-    events_topic: str = Field(EVENTS_TOPIC, min_length=1, max_length=249)
-    dlq_topic: str = Field(DLQ_TOPIC, min_length=1, max_length=249)
+    events_topic: str = Field(EVENTS_TOPIC, min_length=1, max_length=249, description="click events")
+    dlq_topic: str = Field(
+        DLQ_TOPIC, min_length=1, max_length=249, description="rejected events, with the reason"
+    )
     partitions: int = Field(6, ge=1, le=10_000, description="partitions for topics we create")
     replication_factor: int = Field(1, ge=1, le=16, description="for topics we create")
     # Consumer-group timeouts: the client defaults make a group join take ~20 s;
     # these make it take a few seconds while still tolerating GC pauses.
-    session_timeout_ms: int = Field(6_000, ge=1_000, le=300_000)
-    heartbeat_interval_ms: int = Field(1_000, ge=100, le=60_000)
-    max_poll_interval_ms: int = Field(30_000, ge=1_000, le=3_600_000)
-    request_timeout_ms: int = Field(15_000, ge=1_000, le=300_000)
-    client_id: str = Field("streamrec", min_length=1)
+    session_timeout_ms: int = Field(
+        6_000, ge=1_000, le=300_000, description="a member silent this long leaves the group"
+    )
+    heartbeat_interval_ms: int = Field(
+        1_000, ge=100, le=60_000, description="at most a third of session_timeout_ms"
+    )
+    max_poll_interval_ms: int = Field(
+        30_000, ge=1_000, le=3_600_000, description="longest allowed gap between two polls"
+    )
+    request_timeout_ms: int = Field(
+        15_000, ge=1_000, le=300_000, description="socket / admin request timeout"
+    )
+    client_id: str = Field("streamrec", min_length=1, description="client.id seen by the brokers")
     idempotence: bool = Field(
         True,
         description="idempotent producer (no duplicates from retries); needs a broker that keeps "
         "producer ids, which the memory-only embedded broker loses on restart",
     )
     # Security, passed through to both clients.
-    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
-    sasl_username: str | None = None
-    sasl_password: SecretStr | None = None
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL"
+    )
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = Field(
+        None, description="PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512"
+    )
+    sasl_username: str | None = Field(None, description="SASL user")
+    sasl_password: SecretStr | None = Field(None, description="SASL password (never printed)")
     ssl_cafile: str | None = Field(None, description="CA bundle (PEM) to verify the brokers")
     ssl_certfile: str | None = Field(None, description="client certificate (PEM), mutual TLS")
     ssl_keyfile: str | None = Field(None, description="client private key (PEM), mutual TLS")
@@ -92,12 +106,15 @@ class RedisSettings(BaseSettings):
         "unset = embedded local server",
     )
     cluster: bool = Field(False, description="connect with the Redis Cluster client")
-    socket_timeout_s: float = Field(2.0, gt=0, le=60)
-    connect_timeout_s: float = Field(2.0, gt=0, le=60)
-    key_prefix: str = Field("sr", min_length=1, max_length=32, pattern=r"^[A-Za-z0-9_.:-]+$")
+    socket_timeout_s: float = Field(2.0, gt=0, le=60, description="per-command timeout")
+    connect_timeout_s: float = Field(2.0, gt=0, le=60, description="connect timeout")
+    key_prefix: str = Field(
+        "sr", min_length=1, max_length=32, pattern=r"^[A-Za-z0-9_.:-]+$",
+        description="prefix of every key streamrec writes",
+    )
     ssl_ca_certs: str | None = Field(None, description="CA bundle (PEM) for rediss://")
-    ssl_certfile: str | None = None
-    ssl_keyfile: str | None = None
+    ssl_certfile: str | None = Field(None, description="client certificate (PEM), mutual TLS")
+    ssl_keyfile: str | None = Field(None, description="client private key (PEM), mutual TLS")
 
     @field_validator("url")
     @classmethod

@@ -356,12 +356,15 @@ def read_state(state_dir: Path) -> dict | None:
 
 
 def _pid_runs(pid: int, argv0: str) -> bool:
-    """True if ``pid`` is alive and still the binary we started (pids get reused)."""
+    """True if ``pid`` is alive and still runs the binary we started (pids get reused).
+
+    Compares ``/proc/<pid>/exe``, since servers rewrite their command line.
+    """
     try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+        exe = os.readlink(f"/proc/{pid}/exe")
     except OSError:
         return False
-    return os.path.basename(cmdline) == os.path.basename(argv0)
+    return os.path.realpath(exe) == os.path.realpath(shutil.which(argv0) or argv0)
 
 
 def running_servers(state_dir: Path) -> dict[str, dict]:
