@@ -21,6 +21,7 @@ Semantics kept identical across the two:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -400,10 +401,8 @@ class _KafkaPythonProducer:
     def flush(self, timeout: float = 30.0) -> int:
         from kafka.errors import KafkaTimeoutError
 
-        try:
+        with contextlib.suppress(KafkaTimeoutError):  # what is left is counted below
             self._p.flush(timeout)
-        except KafkaTimeoutError:
-            pass
         if self._errors:
             errors, self._errors = self._errors, []
             raise DeliveryError(f"{len(errors)} message(s) not delivered, first: {errors[0]}")

@@ -15,8 +15,8 @@ import click
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
-
 from conftest import shared_data_dir
+
 from ingest.events import ClickEvent, EventValidator
 from ingest.kafka import Record, make_consumer
 from streamrec.cli import cli
