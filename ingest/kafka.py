@@ -313,12 +313,14 @@ class _ConfluentAdmin:
 
         self._a = AdminClient(_confluent_common(s))
         self._timeout = s.request_timeout_ms / 1000
+        self._bootstrap = s.bootstrap
 
     def create_topics(self, names: Sequence[str], partitions: int, replication_factor: int) -> None:
         from confluent_kafka import KafkaError
         from confluent_kafka.admin import NewTopic
 
-        missing = [n for n in names if n not in self.list_topics()]
+        existing = self.list_topics()
+        missing = [n for n in names if n not in existing]
         if not missing:
             return
         futures = self._a.create_topics(
@@ -336,7 +338,12 @@ class _ConfluentAdmin:
         _wait_for(lambda: set(missing) <= self.list_topics(), self._timeout, f"topics {missing}")
 
     def list_topics(self) -> set[str]:
-        md = self._a.list_topics(timeout=self._timeout)
+        from confluent_kafka import KafkaException
+
+        try:
+            md = self._a.list_topics(timeout=self._timeout)
+        except KafkaException as e:
+            raise KafkaClientError(f"cannot list topics at {self._bootstrap}: {e}") from e
         return {t for t, m in md.topics.items() if m.error is None}
 
     def close(self) -> None:
@@ -503,7 +510,8 @@ class _KafkaPythonAdmin:
         from kafka.admin import NewTopic
         from kafka.errors import TopicAlreadyExistsError
 
-        missing = [n for n in names if n not in self.list_topics()]
+        existing = self.list_topics()
+        missing = [n for n in names if n not in existing]
         for name in missing:
             try:
                 self._a.create_topics([NewTopic(name, partitions, replication_factor)])

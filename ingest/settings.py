@@ -124,3 +124,34 @@ class RedisSettings(BaseSettings):
         if not v.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError(f"must start with redis://, rediss:// or unix://, got {v!r}")
         return v.strip()
+
+
+class IngestSettings(BaseSettings):
+    """The ingest workers: session updater and archiver."""
+
+    model_config = SettingsConfigDict(env_prefix="STREAMREC_INGEST_", frozen=True, extra="forbid")
+
+    sessions_group: str = Field("streamrec-sessions", min_length=1, description="consumer group")
+    archive_group: str = Field("streamrec-archiver", min_length=1, description="consumer group")
+    batch_size: int = Field(1000, ge=1, le=100_000, description="records per poll")
+    poll_timeout_s: float = Field(0.5, gt=0, le=30, description="longest wait for a batch")
+    max_session_len: int = Field(50, ge=1, le=10_000, description="events kept per session")
+    session_ttl_s: int = Field(1800, ge=1, description="idle time after which a session expires")
+    popularity_half_life_s: float = Field(
+        3600.0, gt=0, description="half-life of the decayed item popularity (event time)"
+    )
+    max_future_skew_s: float = Field(
+        3600.0, ge=0, description="events stamped further in the future are rejected"
+    )
+    archive_root: str = Field(
+        ".streamrec/archive", min_length=1, description="archive directory or fsspec URL"
+    )
+    archive_max_events: int = Field(50_000, ge=1, description="flush the archive buffer at")
+    archive_max_age_s: float = Field(60.0, gt=0, description="... or when this old")
+    retry_max_s: float = Field(5.0, gt=0, le=300, description="longest backoff between retries")
+    sessions_metrics_port: int = Field(
+        9401, ge=0, le=65535, description="Prometheus port of the session updater (0 = any)"
+    )
+    archive_metrics_port: int = Field(
+        9402, ge=0, le=65535, description="Prometheus port of the archiver (0 = any)"
+    )

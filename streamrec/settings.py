@@ -33,7 +33,7 @@ from typing import TypeVar
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from ingest.settings import KafkaSettings, RedisSettings
+from ingest.settings import IngestSettings, KafkaSettings, RedisSettings
 
 S = TypeVar("S", bound=BaseSettings)
 
@@ -98,6 +98,7 @@ class LogSettings(BaseSettings):
 SECTIONS: dict[str, type[BaseSettings]] = {
     "kafka": KafkaSettings,
     "redis": RedisSettings,
+    "ingest": IngestSettings,
     "stack": StackSettings,
     "log": LogSettings,
 }

@@ -1,0 +1,216 @@
+"""The session updater against a real broker and a real Redis.
+
+Every test compares Redis with ``reference_state``, a plain-Python reading of
+the contract, and the dead-letter topic with the malformed messages sent.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import redis
+
+from ingest.kafka import make_consumer, make_producer
+from ingest.metrics import ConsumerMetrics
+from ingest.redis_conn import make_redis
+from ingest.sessions import SessionsHandler
+from ingest.settings import KafkaSettings, RedisSettings
+from ingest.store import SessionStore, StoreConfig
+from ingest.worker import Worker, WorkerOptions
+from ingest_helpers import (
+    create_topic,
+    dirty_stream,
+    fresh_store,
+    produce,
+    produce_in_background,
+    read_all,
+    store_matches,
+    wait_until_matches,
+)
+from streamrec.settings import StackSettings
+from streamrec.stack import LocalStack
+
+EXTERNAL = bool(os.environ.get("STREAMREC_REDIS_URL") or os.environ.get("STREAMREC_KAFKA_BOOTSTRAP"))
+
+
+def _worker(settings: KafkaSettings, store: SessionStore, topic: str, group: str,
+            dlq_topic: str, metrics: ConsumerMetrics | None = None) -> Worker:
+    metrics = metrics or ConsumerMetrics("sessions")
+    handler = SessionsHandler(store, make_producer(settings), dlq_topic, metrics)
+    return Worker(
+        make_consumer(settings, group), [topic], handler, metrics,
+        WorkerOptions(batch_size=500, poll_timeout_s=0.2, retry_max_s=1.0),
+    )
+
+
+def _start(worker: Worker) -> threading.Thread:
+    t = threading.Thread(target=worker.run, daemon=True)
+    t.start()
+    return t
+
+
+def _topics(settings: KafkaSettings) -> tuple[str, str]:
+    topic, dlq = f"ev.{uuid.uuid4().hex[:10]}", f"dlq.{uuid.uuid4().hex[:10]}"
+    create_topic(settings, topic, 3)
+    create_topic(settings, dlq, 1)
+    return topic, dlq
+
+
+def test_dirty_stream_lands_exactly_and_rejects_reach_the_dlq(
+    kafka_settings: KafkaSettings, redis_client: redis.Redis
+) -> None:
+    stream = dirty_stream(20_000, seed=1)
+    assert sum(stream.rejected.values()) > 200 and len(stream.valid) > 20_000  # dups present
+    topic, dlq = _topics(kafka_settings)
+    produce(kafka_settings, topic, stream.messages)
+
+    store = fresh_store(redis_client, max_session_len=20)
+    metrics = ConsumerMetrics("sessions")
+    worker = _worker(kafka_settings, store, topic, f"g-{uuid.uuid4().hex[:6]}", dlq, metrics)
+    thread = _start(worker)
+    why = wait_until_matches(store, stream)
+    worker.stop()
+    thread.join(30)
+    assert why == "ok"
+    assert not thread.is_alive()
+
+    # Every malformed message is in the DLQ, original bytes, with its reason and source.
+    n_bad = sum(stream.rejected.values())
+    dead = read_all(kafka_settings, dlq, n_bad)
+    assert len(dead) >= n_bad
+    unique = {h["streamrec.source.offset"] + h["streamrec.source.partition"]: (r, h)
+              for r in dead for h in [dict(r.headers)]}
+    assert len(unique) == n_bad
+    assert Counter(h["streamrec.reason"].decode() for _, h in unique.values()) == stream.rejected
+    assert sorted(r.value for r, _ in unique.values()) == sorted(stream.rejected_values)
+    assert all(h["streamrec.source.topic"] == topic.encode() for _, h in unique.values())
+
+    # The metrics add up: every record counted, duplicates seen, rejects by reason.
+    reg = metrics.registry
+    assert reg.get_sample_value("streamrec_ingest_events_consumed_total", {"role": "sessions"}) == len(stream.messages)
+    applied = reg.get_sample_value("streamrec_ingest_events_applied_total", {"role": "sessions"})
+    dups = reg.get_sample_value("streamrec_ingest_events_duplicate_total", {"kind": "event_id"})
+    assert applied + dups == len(stream.valid) and dups > 0
+    for reason, count in stream.rejected.items():
+        assert reg.get_sample_value("streamrec_ingest_events_dead_lettered_total", {"reason": reason}) == count
+
+
+def test_replaying_the_whole_topic_changes_nothing(
+    kafka_settings: KafkaSettings, redis_client: redis.Redis
+) -> None:
+    stream = dirty_stream(3_000, seed=2)
+    topic, dlq = _topics(kafka_settings)
+    produce(kafka_settings, topic, stream.messages)
+    store = fresh_store(redis_client)
+    for _ in range(2):  # a second group reads everything again: at-least-once delivery
+        worker = _worker(kafka_settings, store, topic, f"g-{uuid.uuid4().hex[:6]}", dlq)
+        thread = _start(worker)
+        assert wait_until_matches(store, stream) == "ok"
+        time.sleep(1.0)  # let it run past the point of matching: still exact
+        worker.stop()
+        thread.join(30)
+        assert store_matches(store, stream) == (True, "ok")
+
+
+def test_two_workers_share_partitions_through_a_rebalance(
+    kafka_settings: KafkaSettings, redis_client: redis.Redis
+) -> None:
+    stream = dirty_stream(12_000, seed=3)
+    topic, dlq = _topics(kafka_settings)
+    store = fresh_store(redis_client)
+    group = f"g-{uuid.uuid4().hex[:6]}"
+    producer = produce_in_background(kafka_settings, topic, stream.messages, per_second=2_000)
+    a = _worker(kafka_settings, store, topic, group, dlq)
+    ta = _start(a)
+    time.sleep(2.0)
+    b = _worker(kafka_settings, store, topic, group, dlq)  # joins: partitions move
+    tb = _start(b)
+    time.sleep(2.5)
+    a.stop()  # leaves mid-stream: its partitions move to b
+    ta.join(30)
+    producer.join()
+    why = wait_until_matches(store, stream)
+    b.stop()
+    tb.join(30)
+    assert why == "ok"
+    assert a.metrics.rebalances.labels("revoke")._value.get() >= 1
+
+
+@pytest.mark.skipif(EXTERNAL, reason="stops Redis: only with the embedded stack")
+def test_redis_outage_mid_stream_loses_and_duplicates_nothing(tmp_path: Path) -> None:
+    with LocalStack(StackSettings(), KafkaSettings(), RedisSettings(), state_dir=tmp_path) as stack:
+        settings = stack.kafka
+        stream = dirty_stream(8_000, seed=4)
+        topic, dlq = _topics(settings)
+        client = make_redis(stack.redis)
+        store = fresh_store(client)
+        metrics = ConsumerMetrics("sessions")
+        worker = _worker(settings, store, topic, f"g-{uuid.uuid4().hex[:6]}", dlq, metrics)
+        thread = _start(worker)
+        producer = produce_in_background(settings, topic, stream.messages, per_second=2_000)
+        time.sleep(1.5)
+        stack.redis_server.kill()  # Redis gone for a few seconds mid-stream
+        time.sleep(3.0)
+        stack.restart("redis", crash=False)
+        producer.join()
+        why = wait_until_matches(store, stream)
+        worker.stop()
+        thread.join(30)
+        assert why == "ok"
+        assert metrics.retries._value.get() > 0  # it did back off and retry
+
+
+def _worker_process(stack: LocalStack, topic: str, dlq: str, prefix: str, group: str,
+                    client: str) -> subprocess.Popen[bytes]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMREC_")}
+    env.update(stack.env())
+    env.update({
+        "STREAMREC_KAFKA_EVENTS_TOPIC": topic, "STREAMREC_KAFKA_DLQ_TOPIC": dlq,
+        "STREAMREC_KAFKA_CLIENT": client, "STREAMREC_REDIS_KEY_PREFIX": prefix,
+        "STREAMREC_INGEST_SESSIONS_GROUP": group, "STREAMREC_INGEST_BATCH_SIZE": "300",
+        "STREAMREC_INGEST_SESSIONS_METRICS_PORT": "0", "STREAMREC_LOG_LEVEL": "WARNING",
+    })
+    return subprocess.Popen(
+        [sys.executable, "-m", "streamrec.cli", "ingest", "sessions"], env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+
+
+@pytest.mark.parametrize("client", ["confluent", "kafka-python"])
+def test_kill_9_at_random_points_loses_and_duplicates_nothing(
+    stack: LocalStack, redis_client: redis.Redis, client: str
+) -> None:
+    settings = stack.kafka.model_copy(update={"client": client})
+    stream = dirty_stream(15_000, seed=5)
+    topic, dlq = _topics(settings)
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    store = SessionStore(redis_client, StoreConfig(prefix=prefix))
+    group = f"g-{uuid.uuid4().hex[:6]}"
+    rng = random.Random(5)
+    producer = produce_in_background(settings, topic, stream.messages, per_second=2_500)
+    kills = 0
+    while producer.is_alive() or kills < 3:
+        proc = _worker_process(stack, topic, dlq, prefix, group, client)
+        time.sleep(rng.uniform(2.0, 4.0))  # group join ~1-3 s, then some batches
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        kills += 1
+    producer.join()
+    final = _worker_process(stack, topic, dlq, prefix, group, client)
+    try:
+        why = wait_until_matches(store, stream, timeout=120)
+    finally:
+        final.send_signal(signal.SIGTERM)  # graceful: finish the batch, commit, leave
+        assert final.wait(30) == 0, final.stderr.read().decode()[-2000:]
+    assert kills >= 3
+    assert why == "ok"
