@@ -24,6 +24,7 @@ from collections.abc import Sequence
 import redis
 
 from ingest.events import EventValidator, Rejection
+from ingest.failpoints import failpoint
 from ingest.kafka import DeliveryError, KafkaClientError, Producer, Record, TopicPartition
 from ingest.metrics import ConsumerMetrics
 from ingest.store import Positioned, SessionStore
@@ -100,6 +101,7 @@ class SessionsHandler:
         except _REDIS_TRANSIENT as e:
             raise TransientError(f"redis unavailable: {e}") from e
         stage.labels("redis").observe(time.perf_counter() - t0)
+        failpoint("applied")
 
         # 3. dead-letter topic, flushed before anything is committed
         if rejected:

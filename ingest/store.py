@@ -307,7 +307,10 @@ class SessionStore:
                     ]
                 )
             args = [cfg.max_session_len, cfg.session_ttl_s, _msgpack.encode(payload)]
-            self._session_script(keys=keys, args=args, client=pipe)
+            if self.cluster:  # the cluster pipeline refuses EVALSHA; plain EVAL is allowed
+                pipe.execute_command("EVAL", SESSION_SCRIPT, len(keys), *keys, *args)
+            else:
+                self._session_script(keys=keys, args=args, client=pipe)
         replies = pipe.execute()
 
         counts_by_status = {"A": 0, "R": 0, "D": 0, "S": 0}

@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from ingest.failpoints import failpoint
 from ingest.kafka import Consumer, KafkaClientError, Record, TopicPartition
 from ingest.metrics import ConsumerMetrics
 
@@ -124,12 +125,17 @@ class Worker:
                 if records:
                     batches += 1
                     self.metrics.observe_batch(records)
+                    failpoint("polled")
                     offsets = self._retrying(lambda r=records: self.handler.handle(r))
                 else:
                     offsets = self._retrying(self.handler.tick)
                 if offsets is None:  # stopped while a dependency was down: commit nothing
                     break
+                if offsets:
+                    failpoint("handled")
                 self._commit(offsets)
+                if offsets:
+                    failpoint("committed")
                 self._maybe_update_lag()
             # Shutting down: whatever the handler still buffers is made durable
             # and committed, as on a revoke of every partition we hold.

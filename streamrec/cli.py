@@ -22,7 +22,7 @@ import click
 import msgspec
 
 from ingest.kafka import KafkaClientError, ensure_topics, make_producer
-from ingest.settings import KafkaSettings, RedisSettings
+from ingest.settings import IngestSettings, KafkaSettings, RedisSettings
 from streamrec import __version__
 from streamrec.settings import (
     SECTIONS,
@@ -380,6 +380,108 @@ def replay(
     with stop_on_signal() as stop:
         n = _produce_stream(events, _require_kafka(kafka), speedup, live_timestamps, stop)
     click.echo(f"produced {n} events to {kafka.events_topic} at {kafka.bootstrap}")
+
+
+# --------------------------------------------------------------------------- ingest
+
+
+@cli.group("ingest")
+def ingest_group() -> None:
+    """Ingest workers: one process per role; run more processes to scale out.
+
+    Each is a consumer-group member: N processes share the topic's partitions.
+    """
+
+
+def _require_redis(redis_: RedisSettings) -> RedisSettings:
+    if not redis_.url:
+        raise click.ClickException(
+            "no Redis to talk to: run `streamrec up` first, or set STREAMREC_REDIS_URL"
+        )
+    return redis_
+
+
+def _run_worker(worker: Any, metrics: Any, port: int, what: str) -> None:
+    from ingest.metrics import serve
+
+    server, _ = serve(metrics.registry, port)
+    click.echo(f"{what}: metrics on http://127.0.0.1:{server.server_port}/metrics", err=True)
+    old = {s: signal.signal(s, lambda *_: worker.stop()) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        worker.run()
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        server.shutdown()
+
+
+@ingest_group.command("sessions")
+def ingest_sessions() -> None:
+    """Apply click events to the Redis session store; rejects go to the DLQ.
+
+    Idempotent: offsets are committed only after the Redis writes and the
+    dead-letter records they cover are durable. SIGTERM finishes the batch in
+    hand, commits and exits.
+    """
+    from ingest.events import EventValidator
+    from ingest.kafka import make_consumer
+    from ingest.metrics import ConsumerMetrics
+    from ingest.redis_conn import make_redis
+    from ingest.sessions import SessionsHandler
+    from ingest.store import SessionStore, StoreConfig
+    from ingest.worker import Worker, WorkerOptions
+
+    kafka, redis_ = connections()
+    kafka, redis_ = _require_kafka(kafka), _require_redis(redis_)
+    s = load(IngestSettings)
+    ensure_topics(kafka)
+    metrics = ConsumerMetrics("sessions")
+    store = SessionStore(
+        make_redis(redis_),
+        StoreConfig(
+            prefix=redis_.key_prefix, max_session_len=s.max_session_len,
+            session_ttl_s=s.session_ttl_s, popularity_half_life_s=s.popularity_half_life_s,
+        ),
+    )
+    handler = SessionsHandler(
+        store, make_producer(kafka), kafka.dlq_topic, metrics,
+        EventValidator(max_future_ms=int(s.max_future_skew_s * 1000)),
+    )
+    worker = Worker(
+        make_consumer(kafka, s.sessions_group), [kafka.events_topic], handler, metrics,
+        WorkerOptions(batch_size=s.batch_size, poll_timeout_s=s.poll_timeout_s,
+                      retry_max_s=s.retry_max_s),
+    )
+    _run_worker(worker, metrics, s.sessions_metrics_port, "session updater")
+
+
+@ingest_group.command("archive")
+def ingest_archive() -> None:
+    """Write every valid event to Parquet, partitioned by event hour.
+
+    Files are written under a temporary name and renamed; offsets are
+    committed after the rename. Readers deduplicate by event_id.
+    """
+    from ingest.archive import ArchiveHandler
+    from ingest.kafka import make_consumer
+    from ingest.metrics import ConsumerMetrics
+    from ingest.worker import Worker, WorkerOptions
+
+    kafka, _ = connections()
+    kafka = _require_kafka(kafka)
+    s = load(IngestSettings)
+    ensure_topics(kafka)
+    metrics = ConsumerMetrics("archive")
+    handler = ArchiveHandler(
+        s.archive_root, max_buffer_events=s.archive_max_events,
+        max_buffer_age_s=s.archive_max_age_s, metrics=metrics,
+    )
+    worker = Worker(
+        make_consumer(kafka, s.archive_group), [kafka.events_topic], handler, metrics,
+        WorkerOptions(batch_size=s.batch_size, poll_timeout_s=s.poll_timeout_s,
+                      retry_max_s=s.retry_max_s),
+    )
+    _run_worker(worker, metrics, s.archive_metrics_port, "archiver")
 
 
 # --------------------------------------------------------------------------- demo

@@ -16,6 +16,7 @@ import pytest
 import redis
 
 from ingest.settings import KafkaSettings, RedisSettings
+from streamrec.cluster import LocalRedisCluster
 from streamrec.settings import StackSettings
 from streamrec.stack import LocalStack
 
@@ -52,3 +53,18 @@ def redis_client(stack: LocalStack) -> Iterator[redis.Redis]:
     client = redis.Redis.from_url(stack.redis.url or "", socket_timeout=5)
     yield client
     client.close()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedisCluster]:
+    """A started 3-master Redis Cluster (Valkey, no replicas), shared by the session.
+
+    With ``STREAMREC_REDIS_CLUSTER_URL=redis://host:port/0`` (any node of a running
+    cluster) it starts nothing and yields a handle on that cluster instead: ``url`` and
+    ``redis_settings()`` point there, ``nodes`` is empty, so fault tests skip.
+    """
+    if url := os.environ.get("STREAMREC_REDIS_CLUSTER_URL"):
+        yield LocalRedisCluster.external(url)
+        return
+    with LocalRedisCluster(tmp_path_factory.mktemp("redis-cluster"), StackSettings()) as cluster:
+        yield cluster

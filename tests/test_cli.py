@@ -130,18 +130,19 @@ def test_up_status_down_manage_real_processes(tmp_path: Path) -> None:
         )
 
     up = run("up")
-    assert up.returncode == 0, up.stderr
-    assert "export STREAMREC_KAFKA_BOOTSTRAP=127.0.0.1:" in up.stdout
-    state = json.loads((tmp_path / "stack.json").read_text())
-    pids = [s["pid"] for s in state["servers"].values()]
-    assert len(pids) == 2 and all(Path(f"/proc/{p}").exists() for p in pids)
+    try:
+        assert up.returncode == 0, up.stderr
+        assert "export STREAMREC_KAFKA_BOOTSTRAP=127.0.0.1:" in up.stdout
+        state = json.loads((tmp_path / "stack.json").read_text())
+        pids = [s["pid"] for s in state["servers"].values()]
+        assert len(pids) == 2 and all(Path(f"/proc/{p}").exists() for p in pids)
 
-    assert "already running" in run("up").stdout  # idempotent
-    status = run("status")
-    assert status.returncode == 0, status.stdout + status.stderr
-    assert "redis" in status.stdout and "streamrec.events" in status.stdout
-
-    down = run("down")
+        assert "already running" in run("up").stdout  # idempotent
+        status = run("status")
+        assert status.returncode == 0, status.stdout + status.stderr
+        assert "redis" in status.stdout and "streamrec.events" in status.stdout
+    finally:
+        down = run("down")  # also when an assertion above failed: no orphans
     assert down.returncode == 0 and "stopped" in down.stdout
     deadline = time.monotonic() + 10
     while any(Path(f"/proc/{p}").exists() for p in pids) and time.monotonic() < deadline:

@@ -18,15 +18,6 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import redis
-
-from ingest.kafka import make_consumer, make_producer
-from ingest.metrics import ConsumerMetrics
-from ingest.redis_conn import make_redis
-from ingest.sessions import SessionsHandler
-from ingest.settings import KafkaSettings, RedisSettings
-from ingest.store import SessionStore, StoreConfig
-from ingest.worker import Worker, WorkerOptions
 from ingest_helpers import (
     create_topic,
     dirty_stream,
@@ -37,10 +28,31 @@ from ingest_helpers import (
     store_matches,
     wait_until_matches,
 )
+
+from ingest.kafka import make_consumer, make_producer
+from ingest.metrics import ConsumerMetrics
+from ingest.redis_conn import make_redis
+from ingest.sessions import SessionsHandler
+from ingest.settings import KafkaSettings, RedisSettings
+from ingest.store import SessionStore, StoreConfig
+from ingest.worker import Worker, WorkerOptions
+from streamrec.cluster import LocalRedisCluster
 from streamrec.settings import StackSettings
 from streamrec.stack import LocalStack
 
 EXTERNAL = bool(os.environ.get("STREAMREC_REDIS_URL") or os.environ.get("STREAMREC_KAFKA_BOOTSTRAP"))
+
+
+@pytest.fixture(params=["redis", "redis-cluster"])
+def backend(request: pytest.FixtureRequest, stack: LocalStack) -> tuple[object, RedisSettings]:
+    """A Redis client and its settings: one server, or the 3-node cluster."""
+    if request.param == "redis":
+        settings = stack.redis
+    else:
+        settings = request.getfixturevalue("redis_cluster").redis_settings(stack.redis)
+    client = make_redis(settings)
+    yield client, settings
+    client.close()
 
 
 def _worker(settings: KafkaSettings, store: SessionStore, topic: str, group: str,
@@ -67,14 +79,14 @@ def _topics(settings: KafkaSettings) -> tuple[str, str]:
 
 
 def test_dirty_stream_lands_exactly_and_rejects_reach_the_dlq(
-    kafka_settings: KafkaSettings, redis_client: redis.Redis
+    kafka_settings: KafkaSettings, backend: tuple[object, RedisSettings]
 ) -> None:
     stream = dirty_stream(20_000, seed=1)
     assert sum(stream.rejected.values()) > 200 and len(stream.valid) > 20_000  # dups present
     topic, dlq = _topics(kafka_settings)
     produce(kafka_settings, topic, stream.messages)
 
-    store = fresh_store(redis_client, max_session_len=20)
+    store = fresh_store(backend[0], max_session_len=20)
     metrics = ConsumerMetrics("sessions")
     worker = _worker(kafka_settings, store, topic, f"g-{uuid.uuid4().hex[:6]}", dlq, metrics)
     thread = _start(worker)
@@ -106,12 +118,12 @@ def test_dirty_stream_lands_exactly_and_rejects_reach_the_dlq(
 
 
 def test_replaying_the_whole_topic_changes_nothing(
-    kafka_settings: KafkaSettings, redis_client: redis.Redis
+    kafka_settings: KafkaSettings, backend: tuple[object, RedisSettings]
 ) -> None:
     stream = dirty_stream(3_000, seed=2)
     topic, dlq = _topics(kafka_settings)
     produce(kafka_settings, topic, stream.messages)
-    store = fresh_store(redis_client)
+    store = fresh_store(backend[0])
     for _ in range(2):  # a second group reads everything again: at-least-once delivery
         worker = _worker(kafka_settings, store, topic, f"g-{uuid.uuid4().hex[:6]}", dlq)
         thread = _start(worker)
@@ -123,11 +135,11 @@ def test_replaying_the_whole_topic_changes_nothing(
 
 
 def test_two_workers_share_partitions_through_a_rebalance(
-    kafka_settings: KafkaSettings, redis_client: redis.Redis
+    kafka_settings: KafkaSettings, backend: tuple[object, RedisSettings]
 ) -> None:
     stream = dirty_stream(12_000, seed=3)
     topic, dlq = _topics(kafka_settings)
-    store = fresh_store(redis_client)
+    store = fresh_store(backend[0])
     group = f"g-{uuid.uuid4().hex[:6]}"
     producer = produce_in_background(kafka_settings, topic, stream.messages, per_second=2_000)
     a = _worker(kafka_settings, store, topic, group, dlq)
@@ -170,16 +182,46 @@ def test_redis_outage_mid_stream_loses_and_duplicates_nothing(tmp_path: Path) ->
         assert metrics.retries._value.get() > 0  # it did back off and retry
 
 
-def _worker_process(stack: LocalStack, topic: str, dlq: str, prefix: str, group: str,
-                    client: str) -> subprocess.Popen[bytes]:
+@pytest.mark.skipif(EXTERNAL, reason="stops Redis nodes: only with the embedded stack")
+def test_cluster_node_outage_mid_stream_loses_and_duplicates_nothing(
+    stack: LocalStack, tmp_path: Path
+) -> None:
+    settings = stack.kafka
+    with LocalRedisCluster(tmp_path, StackSettings(redis_appendfsync="always")) as cluster:
+        stream = dirty_stream(8_000, seed=6)
+        topic, dlq = _topics(settings)
+        store = fresh_store(make_redis(cluster.redis_settings(stack.redis)))
+        metrics = ConsumerMetrics("sessions")
+        worker = _worker(settings, store, topic, f"g-{uuid.uuid4().hex[:6]}", dlq, metrics)
+        thread = _start(worker)
+        producer = produce_in_background(settings, topic, stream.messages, per_second=2_000)
+        time.sleep(1.5)
+        cluster.kill(1)  # a third of the slots unavailable for a few seconds
+        time.sleep(3.0)
+        cluster.restart(1)
+        producer.join()
+        why = wait_until_matches(store, stream)
+        worker.stop()
+        thread.join(30)
+        assert why == "ok"
+        assert metrics.retries._value.get() > 0
+
+
+def _worker_process(stack: LocalStack, redis_settings: RedisSettings, topic: str, dlq: str,
+                    prefix: str, group: str, client: str,
+                    failpoint: str | None = None) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMREC_")}
     env.update(stack.env())
+    env["STREAMREC_REDIS_URL"] = redis_settings.url
+    env["STREAMREC_REDIS_CLUSTER"] = "true" if redis_settings.cluster else "false"
     env.update({
         "STREAMREC_KAFKA_EVENTS_TOPIC": topic, "STREAMREC_KAFKA_DLQ_TOPIC": dlq,
         "STREAMREC_KAFKA_CLIENT": client, "STREAMREC_REDIS_KEY_PREFIX": prefix,
         "STREAMREC_INGEST_SESSIONS_GROUP": group, "STREAMREC_INGEST_BATCH_SIZE": "300",
         "STREAMREC_INGEST_SESSIONS_METRICS_PORT": "0", "STREAMREC_LOG_LEVEL": "WARNING",
     })
+    if failpoint:
+        env["STREAMREC_FAILPOINT"] = failpoint
     return subprocess.Popen(
         [sys.executable, "-m", "streamrec.cli", "ingest", "sessions"], env=env,
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -188,25 +230,31 @@ def _worker_process(stack: LocalStack, topic: str, dlq: str, prefix: str, group:
 
 @pytest.mark.parametrize("client", ["confluent", "kafka-python"])
 def test_kill_9_at_random_points_loses_and_duplicates_nothing(
-    stack: LocalStack, redis_client: redis.Redis, client: str
+    stack: LocalStack, backend: tuple[object, RedisSettings], client: str
 ) -> None:
     settings = stack.kafka.model_copy(update={"client": client})
     stream = dirty_stream(15_000, seed=5)
     topic, dlq = _topics(settings)
     prefix = f"t{uuid.uuid4().hex[:8]}"
-    store = SessionStore(redis_client, StoreConfig(prefix=prefix))
+    store = SessionStore(backend[0], StoreConfig(prefix=prefix))
     group = f"g-{uuid.uuid4().hex[:6]}"
     rng = random.Random(5)
     producer = produce_in_background(settings, topic, stream.messages, per_second=2_500)
+    # First a crash at every step of the commit sequence (the process kills
+    # itself with SIGKILL there), then kills from outside at random moments.
+    for point in ("polled", "applied", "handled", "committed", "applied"):
+        proc = _worker_process(stack, backend[1], topic, dlq, prefix, group, client,
+                               failpoint=f"{point}:{rng.randint(2, 6)}")
+        assert proc.wait(60) == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
     kills = 0
     while producer.is_alive() or kills < 3:
-        proc = _worker_process(stack, topic, dlq, prefix, group, client)
+        proc = _worker_process(stack, backend[1], topic, dlq, prefix, group, client)
         time.sleep(rng.uniform(2.0, 4.0))  # group join ~1-3 s, then some batches
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         kills += 1
     producer.join()
-    final = _worker_process(stack, topic, dlq, prefix, group, client)
+    final = _worker_process(stack, backend[1], topic, dlq, prefix, group, client)
     try:
         why = wait_until_matches(store, stream, timeout=120)
     finally:
