@@ -173,6 +173,9 @@ class ArchiveHandler:
             self.flush()
         return {tp: self._pending.pop(tp) for tp in partitions if tp in self._pending}
 
+    def close(self) -> None:
+        """Nothing to release: files are closed when written, the buffer flushed on revoke."""
+
     # ------------------------------------------------------------------ internals
     def _too_old(self) -> bool:
         first = self._first_at

@@ -66,7 +66,9 @@ class Producer(Protocol):
 
     def flush(self, timeout: float = 30.0) -> int: ...
 
-    def close(self) -> None: ...
+    def close(self, timeout: float = 10.0) -> None:
+        """Deliver what is queued (up to ``timeout`` s), then release the client."""
+        ...
 
 
 class Consumer(Protocol):
@@ -215,8 +217,8 @@ class _ConfluentProducer:
             raise DeliveryError(f"{len(errors)} message(s) not delivered, first: {errors[0]}")
         return remaining
 
-    def close(self) -> None:
-        self.flush(10.0)
+    def close(self, timeout: float = 10.0) -> None:
+        self.flush(timeout)
 
 
 class _ConfluentConsumer:
@@ -415,9 +417,11 @@ class _KafkaPythonProducer:
             raise DeliveryError(f"{len(errors)} message(s) not delivered, first: {errors[0]}")
         return self._pending
 
-    def close(self) -> None:
-        self.flush(10.0)
-        self._p.close(timeout=5)
+    def close(self, timeout: float = 10.0) -> None:
+        try:
+            self.flush(timeout)
+        finally:
+            self._p.close(timeout=min(timeout, 5.0))
 
 
 class _KafkaPythonConsumer:

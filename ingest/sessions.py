@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import redis
 
 from ingest.events import EventValidator, Rejection
 from ingest.failpoints import failpoint
-from ingest.kafka import DeliveryError, KafkaClientError, Producer, Record, TopicPartition
+from ingest.kafka import DeliveryError, Producer, Record, TopicPartition
 from ingest.metrics import ConsumerMetrics
 from ingest.store import Positioned, SessionStore
 from ingest.worker import Offsets, TransientError, next_offsets
@@ -66,13 +66,14 @@ class SessionsHandler:
     def __init__(
         self,
         store: SessionStore,
-        dlq: Producer,
+        dlq: Callable[[], Producer],
         dlq_topic: str,
         metrics: ConsumerMetrics,
         validator: EventValidator | None = None,
     ) -> None:
         self.store = store
-        self.dlq = dlq
+        self._new_producer = dlq
+        self.dlq = dlq()
         self.dlq_topic = dlq_topic
         self.metrics = metrics
         self.validator = validator or EventValidator()
@@ -116,9 +117,13 @@ class SessionsHandler:
                         headers=dead_letter_headers(r, rejection),
                     )
                 if self.dlq.flush(30.0) != 0:
-                    raise TransientError("dead-letter records not delivered within 30 s")
-            except (DeliveryError, KafkaClientError) as e:
-                raise TransientError(f"dead-letter topic unavailable: {e}") from e
+                    raise DeliveryError("dead-letter records not delivered within 30 s")
+            except Exception as e:
+                # Whatever went wrong (broker down, a producer fenced or left in a
+                # fatal state), start again with a fresh producer: the retried
+                # batch sends its dead letters again.
+                self._replace_producer()
+                raise TransientError(f"dead-letter topic unavailable: {e!r}") from e
             stage.labels("dlq").observe(time.perf_counter() - t0)
 
         # Metrics only once the batch is durable (a retried batch counts once).
@@ -131,6 +136,16 @@ class SessionsHandler:
             m.dead_lettered.labels(rejection.reason.value).inc()
         m.batch_seconds.labels(m.role).observe(time.perf_counter() - t_start)
         return next_offsets(records)
+
+    def _replace_producer(self) -> None:
+        old, self.dlq = self.dlq, self._new_producer()
+        try:
+            old.close(timeout=0)
+        except Exception as e:  # undeliverable by now: those records are sent again
+            log.debug("closing the failed dead-letter producer: %r", e)
+
+    def close(self) -> None:
+        self.dlq.close()
 
     def tick(self) -> Offsets:
         return {}  # nothing is buffered between batches

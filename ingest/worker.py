@@ -58,6 +58,10 @@ class Handler(Protocol):
         """Partitions are being taken away: make their effects durable now."""
         ...
 
+    def close(self) -> None:
+        """The worker is done: release clients (after the final revoke)."""
+        ...
+
 
 def next_offsets(records: Sequence[Record]) -> Offsets:
     """Per partition, the offset after the last record: what Kafka commits mean.
@@ -144,6 +148,7 @@ class Worker:
                 self._commit(offsets)
         finally:
             self.consumer.close()
+            self.handler.close()
             log.info("worker stopped; left the consumer group")
 
     def _retrying(self, fn: Callable[[], Offsets], max_attempts: int | None = None) -> Offsets | None:

@@ -444,7 +444,7 @@ def ingest_sessions() -> None:
         ),
     )
     handler = SessionsHandler(
-        store, make_producer(kafka), kafka.dlq_topic, metrics,
+        store, lambda: make_producer(kafka), kafka.dlq_topic, metrics,
         EventValidator(max_future_ms=int(s.max_future_skew_s * 1000)),
     )
     worker = Worker(
