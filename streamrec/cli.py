@@ -423,35 +423,11 @@ def ingest_sessions() -> None:
     dead-letter records they cover are durable. SIGTERM finishes the batch in
     hand, commits and exits.
     """
-    from ingest.events import EventValidator
-    from ingest.kafka import make_consumer
-    from ingest.metrics import ConsumerMetrics
-    from ingest.redis_conn import make_redis
-    from ingest.sessions import SessionsHandler
-    from ingest.store import SessionStore, StoreConfig
-    from ingest.worker import Worker, WorkerOptions
+    from ingest.app import sessions_worker
 
     kafka, redis_ = connections()
-    kafka, redis_ = _require_kafka(kafka), _require_redis(redis_)
     s = load(IngestSettings)
-    ensure_topics(kafka)
-    metrics = ConsumerMetrics("sessions")
-    store = SessionStore(
-        make_redis(redis_),
-        StoreConfig(
-            prefix=redis_.key_prefix, max_session_len=s.max_session_len,
-            session_ttl_s=s.session_ttl_s, popularity_half_life_s=s.popularity_half_life_s,
-        ),
-    )
-    handler = SessionsHandler(
-        store, lambda: make_producer(kafka), kafka.dlq_topic, metrics,
-        EventValidator(max_future_ms=int(s.max_future_skew_s * 1000)),
-    )
-    worker = Worker(
-        make_consumer(kafka, s.sessions_group), [kafka.events_topic], handler, metrics,
-        WorkerOptions(batch_size=s.batch_size, poll_timeout_s=s.poll_timeout_s,
-                      retry_max_s=s.retry_max_s),
-    )
+    worker, metrics = sessions_worker(_require_kafka(kafka), _require_redis(redis_), s)
     _run_worker(worker, metrics, s.sessions_metrics_port, "session updater")
 
 
@@ -462,25 +438,11 @@ def ingest_archive() -> None:
     Files are written under a temporary name and renamed; offsets are
     committed after the rename. Readers deduplicate by event_id.
     """
-    from ingest.archive import ArchiveHandler
-    from ingest.kafka import make_consumer
-    from ingest.metrics import ConsumerMetrics
-    from ingest.worker import Worker, WorkerOptions
+    from ingest.app import archive_worker
 
     kafka, _ = connections()
-    kafka = _require_kafka(kafka)
     s = load(IngestSettings)
-    ensure_topics(kafka)
-    metrics = ConsumerMetrics("archive")
-    handler = ArchiveHandler(
-        s.archive_root, max_buffer_events=s.archive_max_events,
-        max_buffer_age_s=s.archive_max_age_s, metrics=metrics,
-    )
-    worker = Worker(
-        make_consumer(kafka, s.archive_group), [kafka.events_topic], handler, metrics,
-        WorkerOptions(batch_size=s.batch_size, poll_timeout_s=s.poll_timeout_s,
-                      retry_max_s=s.retry_max_s),
-    )
+    worker, metrics = archive_worker(_require_kafka(kafka), s)
     _run_worker(worker, metrics, s.archive_metrics_port, "archiver")
 
 
