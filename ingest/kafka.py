@@ -87,7 +87,16 @@ class Consumer(Protocol):
 
     def assignment(self) -> set[TopicPartition]: ...
 
-    def watermarks(self, partition: TopicPartition) -> tuple[int, int]: ...
+    def watermarks(self, partition: TopicPartition) -> tuple[int, int]:
+        """(low, high) offsets, asked of the broker: a network round trip."""
+        ...
+
+    def high_watermark(self, partition: TopicPartition) -> int | None:
+        """The high watermark from the latest fetch response; no network call.
+
+        None until a fetch for the partition has come back.
+        """
+        ...
 
     def close(self) -> None: ...
 
@@ -305,6 +314,12 @@ class _ConfluentConsumer:
 
         return self._c.get_watermark_offsets(_TP(*partition), timeout=self._timeout, cached=False)
 
+    def high_watermark(self, partition: TopicPartition) -> int | None:
+        from confluent_kafka import TopicPartition as _TP
+
+        _, high = self._c.get_watermark_offsets(_TP(*partition), cached=True)
+        return high if high is not None and high >= 0 else None
+
     def close(self) -> None:
         self._c.close()
 
@@ -498,6 +513,11 @@ class _KafkaPythonConsumer:
 
         tp = _TP(*partition)
         return self._c.beginning_offsets([tp])[tp], self._c.end_offsets([tp])[tp]
+
+    def high_watermark(self, partition: TopicPartition) -> int | None:
+        from kafka import TopicPartition as _TP
+
+        return self._c.highwater(_TP(*partition))
 
     def close(self) -> None:
         self._c.close(autocommit=False)

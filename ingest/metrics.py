@@ -33,7 +33,7 @@ class ConsumerMetrics:
             registry=r,
         )
         self.stage_seconds = Histogram(
-            f"{ns}_stage_seconds", "Time per batch and stage (decode, redis, dlq, write, commit)",
+            f"{ns}_stage_seconds", "Time per batch and stage (poll, decode, redis, dlq, write, commit)",
             ["stage"], buckets=_SECONDS_BUCKETS, registry=r,
         )
         self.batch_seconds = Histogram(
