@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import click
@@ -16,9 +15,10 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 from conftest import shared_data_dir
+from ingest_helpers import read_all
 
 from ingest.events import ClickEvent, EventValidator
-from ingest.kafka import Record, make_consumer
+from ingest.kafka import Record
 from streamrec.cli import cli
 from streamrec.stack import LocalStack
 
@@ -47,17 +47,6 @@ def _env_for(stack: LocalStack, topic: str, client: str = "confluent") -> dict[s
             "STREAMREC_KAFKA_PARTITIONS": "3", "STREAMREC_KAFKA_CLIENT": client}
 
 
-def _consume_all(stack: LocalStack, topic: str, n: int, timeout: float = 40) -> list[Record]:
-    consumer = make_consumer(stack.kafka, f"g-{uuid.uuid4().hex[:8]}")
-    consumer.subscribe([topic])
-    out: list[Record] = []
-    deadline = time.monotonic() + timeout
-    while len(out) < n and time.monotonic() < deadline:
-        out.extend(consumer.poll(1000, 0.5))
-    consumer.close()
-    return out
-
-
 def _valid(records: list[Record]) -> list[ClickEvent]:
     good, bad = EventValidator().decode_batch([r.value for r in records], [r.key for r in records])
     assert bad == []
@@ -71,7 +60,7 @@ def test_simulate_produces_valid_events_to_kafka(stack: LocalStack, topic: str, 
     )
     assert result.exit_code == 0, result.output
     assert "produced 800 events" in result.output
-    events = _valid(_consume_all(stack, topic, 800))
+    events = _valid(read_all(stack.kafka, topic, 800))
     assert len(events) == 800 and len({e.event_id for e in events}) == 800
     assert all("category" in e.features and "price" in e.features for e in events)
 
@@ -96,7 +85,7 @@ def test_replay_sends_movielens_in_event_time_order(stack: LocalStack, topic: st
     env = {**_env_for(stack, topic), "STREAMREC_DATA_DIR": str(shared_data_dir())}
     result = CliRunner().invoke(cli, ["replay", "ml-100k", "--limit", "500"], env=env)
     assert result.exit_code == 0, result.output
-    records = _consume_all(stack, topic, 500)
+    records = read_all(stack.kafka, topic, 500)
     events = _valid(records)
     assert len(events) == 500
     # Within each partition the log is in event-time order.
