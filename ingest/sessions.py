@@ -11,8 +11,10 @@
 A crash anywhere before 4 re-delivers the batch: step 2 is then a no-op for
 what was applied, and a dead-letter record may be sent twice (its key is the
 source ``topic:partition:offset``, so DLQ readers can drop repeats). Redis or
-broker unavailability surfaces as :class:`TransientError` and the worker
-retries the same batch; nothing is committed until it succeeds.
+broker unavailability surfaces as :class:`TransientError` and the batch is
+retried; nothing is committed until it succeeds. Steps 2-3 of one batch run
+on a background thread while step 1 of the next runs on the worker's
+(see :class:`SessionsHandler`): Redis and Python then work at the same time.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 import redis
 
@@ -60,8 +64,28 @@ def dead_letter_headers(record: Record, rejection: Rejection) -> list[tuple[str,
     ]
 
 
+@dataclass
+class _Prepared:
+    """A decoded batch, ready for the I/O step."""
+
+    records: list[Record]
+    batch: list[Positioned]
+    rejected: list[tuple[int, Rejection]]
+    offsets: Offsets
+    t_start: float
+
+
 class SessionsHandler:
-    """One batch of records -> Redis sessions + popularity, and the DLQ."""
+    """One batch of records -> Redis sessions + popularity, and the DLQ.
+
+    With ``pipelined=True`` (the default) the I/O of a batch (Redis, DLQ) runs
+    on a background thread while the worker polls and decodes the next one:
+    :meth:`handle` then returns the offsets of the *previous* batch, once its
+    effects are durable, and :meth:`tick` / :meth:`revoke` wait for the batch
+    in flight. At most one batch is in flight, so the offsets committed never
+    run ahead of what is in Redis. A failed batch is retried (synchronously)
+    before anything newer is sent.
+    """
 
     def __init__(
         self,
@@ -70,6 +94,8 @@ class SessionsHandler:
         dlq_topic: str,
         metrics: ConsumerMetrics,
         validator: EventValidator | None = None,
+        *,
+        pipelined: bool = True,
     ) -> None:
         self.store = store
         self._new_producer = dlq
@@ -77,13 +103,56 @@ class SessionsHandler:
         self.dlq_topic = dlq_topic
         self.metrics = metrics
         self.validator = validator or EventValidator()
+        self._pool = ThreadPoolExecutor(1, "sessions-io") if pipelined else None
+        self._inflight: tuple[_Prepared, Future[Offsets]] | None = None
+        self._failed: _Prepared | None = None  # a batch whose I/O failed: retried first
 
+    # ------------------------------------------------------------ Handler protocol
     def handle(self, records: list[Record]) -> Offsets:
-        t_start = time.perf_counter()
-        stage = self.metrics.stage_seconds
+        done = self._settle()  # the previous batch (and any failed one) is durable
+        prepared = self._prepare(records)
+        if self._pool is None:
+            return {**done, **self._execute_or_keep(prepared)}
+        self._inflight = (prepared, self._pool.submit(self._execute, prepared))
+        return done
 
-        # 1. decode + validate
-        t0 = time.perf_counter()
+    def tick(self) -> Offsets:
+        return self._settle()
+
+    def revoke(self, partitions: Sequence[TopicPartition]) -> Offsets:
+        return self._settle()  # all of them: committing kept partitions is harmless
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        self.dlq.close()
+
+    # ------------------------------------------------------------ steps
+    def _settle(self) -> Offsets:
+        """Wait for the batch in flight; retry a failed one. Offsets now durable."""
+        done: Offsets = {}
+        if self._inflight is not None:
+            prepared, future = self._inflight
+            self._inflight = None
+            try:
+                done = future.result()
+            except TransientError:
+                self._failed = prepared
+        if self._failed is not None:
+            done = {**done, **self._execute_or_keep(self._failed)}
+        return done
+
+    def _execute_or_keep(self, prepared: _Prepared) -> Offsets:
+        try:
+            offsets = self._execute(prepared)
+        except TransientError:
+            self._failed = prepared
+            raise
+        self._failed = None
+        return offsets
+
+    def _prepare(self, records: list[Record]) -> _Prepared:
+        t_start = time.perf_counter()
         events, rejected = self.validator.decode_batch(
             [r.value if r.value is not None else b"" for r in records], [r.key for r in records]
         )
@@ -93,23 +162,25 @@ class SessionsHandler:
             Positioned(ev, r.partition, r.offset)
             for ev, r in zip(events, good_records, strict=True)
         ]
-        stage.labels("decode").observe(time.perf_counter() - t0)
+        self.metrics.stage_seconds.labels("decode").observe(time.perf_counter() - t_start)
+        return _Prepared(records, batch, rejected, next_offsets(records), t_start)
 
-        # 2. Redis (idempotent)
+    def _execute(self, p: _Prepared) -> Offsets:
+        """Redis, then the dead-letter topic; returns the batch's offsets."""
+        stage = self.metrics.stage_seconds
         t0 = time.perf_counter()
         try:
-            result = self.store.apply(batch) if batch else None
+            result = self.store.apply(p.batch) if p.batch else None
         except _REDIS_TRANSIENT as e:
             raise TransientError(f"redis unavailable: {e}") from e
         stage.labels("redis").observe(time.perf_counter() - t0)
         failpoint("applied")
 
-        # 3. dead-letter topic, flushed before anything is committed
-        if rejected:
+        if p.rejected:
             t0 = time.perf_counter()
             try:
-                for i, rejection in rejected:
-                    r = records[i]
+                for i, rejection in p.rejected:
+                    r = p.records[i]
                     self.dlq.produce(
                         self.dlq_topic,
                         r.value if r.value is not None else b"",
@@ -132,10 +203,10 @@ class SessionsHandler:
             m.applied.labels(m.role).inc(result.applied)
             m.duplicates.labels("event_id").inc(result.duplicates)
             m.duplicates.labels("replayed_offset").inc(result.replayed + result.stale)
-        for _, rejection in rejected:
+        for _, rejection in p.rejected:
             m.dead_lettered.labels(rejection.reason.value).inc()
-        m.batch_seconds.labels(m.role).observe(time.perf_counter() - t_start)
-        return next_offsets(records)
+        m.batch_seconds.labels(m.role).observe(time.perf_counter() - p.t_start)
+        return p.offsets
 
     def _replace_producer(self) -> None:
         old, self.dlq = self.dlq, self._new_producer()
@@ -143,12 +214,3 @@ class SessionsHandler:
             old.close(timeout=0)
         except Exception as e:  # undeliverable by now: those records are sent again
             log.debug("closing the failed dead-letter producer: %r", e)
-
-    def close(self) -> None:
-        self.dlq.close()
-
-    def tick(self) -> Offsets:
-        return {}  # nothing is buffered between batches
-
-    def revoke(self, partitions: Sequence[TopicPartition]) -> Offsets:
-        return {}  # every handled batch is already durable and committed

@@ -221,8 +221,8 @@ class Worker:
         self.metrics.rebalances.labels("revoke").inc()
         log.info("revoking %s", partitions)
         offsets = self._retrying(lambda: self.handler.revoke(partitions), max_attempts=3)
-        if offsets:
-            self._commit({tp: o for tp, o in offsets.items() if tp in set(partitions)})
+        if offsets:  # revoked and kept partitions alike: we still own both right now
+            self._commit(offsets)
         self.assigned.difference_update(partitions)
         for topic, partition in partitions:
             self._committed.pop((topic, partition), None)
