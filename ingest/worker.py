@@ -130,7 +130,6 @@ class Worker:
                 records = self.consumer.poll(self.options.batch_size, self.options.poll_timeout_s)
                 if records:
                     self.metrics.stage_seconds.labels("poll").observe(time.perf_counter() - t0)
-                if records:
                     batches += 1
                     self.metrics.observe_batch(records)
                     failpoint("polled")
