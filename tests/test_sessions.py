@@ -370,3 +370,23 @@ def test_worker_reconnects_after_a_broker_restart(tmp_path: Path) -> None:
         worker.stop()
         thread.join(30)
         assert store.sessions(expected) == expected
+
+
+def test_pipelined_handler_returns_offsets_only_once_a_batch_is_durable(
+    stack: LocalStack, redis_client
+) -> None:
+    """handle(n) hands back batch n-1's offsets; tick/revoke wait for the one in flight."""
+    from ingest.kafka import Record
+
+    stream = dirty_stream(400, seed=9, dup_rate=0, bad_rate=0)
+    records = [Record("ev", 0, i, k, v) for i, (k, v) in enumerate(stream.messages)]
+    store = fresh_store(redis_client)
+    handler = SessionsHandler(store, lambda: make_producer(stack.kafka), "dlq", ConsumerMetrics("s"))
+    try:
+        assert handler.handle(records[:200]) == {}  # in flight, not durable yet: nothing to commit
+        assert handler.handle(records[200:]) == {("ev", 0): 200}  # the first batch, now durable
+        assert handler.tick() == {("ev", 0): 400}
+        assert handler.tick() == {}
+        assert store_matches(store, stream) == (True, "ok")
+    finally:
+        handler.close()
