@@ -9,8 +9,9 @@
 4. return the offsets after the batch, which the worker then commits.
 
 A crash anywhere before 4 re-delivers the batch: step 2 is then a no-op for
-what was applied, and a dead-letter record may be sent twice (its key is the
-source ``topic:partition:offset``, so DLQ readers can drop repeats). Redis or
+what was applied, and a dead-letter record may be sent twice (its
+``streamrec.source.*`` headers identify the source record, so DLQ readers can
+drop repeats). Redis or
 broker unavailability surfaces as :class:`TransientError` and the batch is
 retried; nothing is committed until it succeeds. Steps 2-3 of one batch run
 on a background thread while step 1 of the next runs on the worker's
@@ -184,7 +185,7 @@ class SessionsHandler:
                     self.dlq.produce(
                         self.dlq_topic,
                         r.value if r.value is not None else b"",
-                        key=f"{r.topic}:{r.partition}:{r.offset}".encode(),
+                        key=r.key,
                         headers=dead_letter_headers(r, rejection),
                     )
                 if self.dlq.flush(30.0) != 0:
