@@ -8,13 +8,12 @@ started by ``streamrec up`` (found through its state file).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +33,7 @@ from streamrec.settings import (
     load,
     settings_markdown,
 )
+from streamrec.signals import stop_on_signal
 from streamrec.stack import LocalStack, StackError, running_servers, stop_detached
 
 log = logging.getLogger("streamrec")
@@ -111,18 +111,6 @@ def _require_kafka(kafka: KafkaSettings) -> KafkaSettings:
             "no Kafka to talk to: run `streamrec up` first, or set STREAMREC_KAFKA_BOOTSTRAP"
         )
     return kafka
-
-
-@contextlib.contextmanager
-def stop_on_signal() -> Iterator[threading.Event]:
-    """An event set by SIGINT / SIGTERM while inside; old handlers restored after."""
-    stop = threading.Event()
-    old = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield stop
-    finally:
-        for s, handler in old.items():
-            signal.signal(s, handler)
 
 
 # --------------------------------------------------------------------------- up / down / status

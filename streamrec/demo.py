@@ -24,6 +24,7 @@ from ingest.metrics import ConsumerMetrics, serve
 from ingest.settings import IngestSettings, KafkaSettings, RedisSettings
 from ingest.store import SessionStore
 from streamrec.settings import StackSettings, load
+from streamrec.signals import stop_on_signal
 from streamrec.stack import LocalStack
 
 # A few messages a real producer might get wrong: each ends in the DLQ.
@@ -36,8 +37,6 @@ _MALFORMED = [
 
 
 def run_demo(*, history_events: int, live_seconds: float, speedup: float, seed: int) -> None:
-    from streamrec.cli import stop_on_signal
-
     with stop_on_signal() as stop:
         _run(stop, history_events, live_seconds, speedup, seed)
 

@@ -112,7 +112,17 @@ class Weekday(CategoricalOp):
         return torch.remainder(days + _EPOCH_WEEKDAY, 7) + 1
 
 
-class TimeSincePrev(ContinuousOp):
+class _SessionTimeOp(ContinuousOp):
+    """A stateless time feature of an int64 ms ``ts`` column within sessions."""
+
+    stateless: ClassVar[bool] = True
+    needs_offsets: ClassVar[bool] = True
+
+    def _check_column(self, column: pa.Array) -> None:
+        _ts_ms(column.slice(0, 0), self.name)
+
+
+class TimeSincePrev(_SessionTimeOp):
     """``log1p(seconds since the previous event of the same session)``, float32.
 
     The first event of each session gets 0. Needs ``offsets``. Stateless.
@@ -124,14 +134,6 @@ class TimeSincePrev(ContinuousOp):
     """
 
     name: ClassVar[str] = "time_since_prev"
-    stateless: ClassVar[bool] = True
-    needs_offsets: ClassVar[bool] = True
-
-    def __init__(self) -> None:
-        super().__init__()
-
-    def _check_column(self, column: pa.Array) -> None:
-        _ts_ms(column.slice(0, 0), self.name)
 
     def _transform(
         self, column: pa.Array, offsets: np.ndarray | None, device: torch.device
@@ -146,7 +148,7 @@ class TimeSincePrev(ContinuousOp):
         return _log1p_seconds(delta)
 
 
-class SessionAge(ContinuousOp):
+class SessionAge(_SessionTimeOp):
     """``log1p(seconds since the first event of the same session)``, float32.
 
     Needs ``offsets``. Stateless.
@@ -158,14 +160,6 @@ class SessionAge(ContinuousOp):
     """
 
     name: ClassVar[str] = "session_age"
-    stateless: ClassVar[bool] = True
-    needs_offsets: ClassVar[bool] = True
-
-    def __init__(self) -> None:
-        super().__init__()
-
-    def _check_column(self, column: pa.Array) -> None:
-        _ts_ms(column.slice(0, 0), self.name)
 
     def _transform(
         self, column: pa.Array, offsets: np.ndarray | None, device: torch.device
