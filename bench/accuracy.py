@@ -91,6 +91,8 @@ def row_configs(name: str, mode: dict[str, Any]) -> tuple[dict[str, Any], dict[s
 # ---------------------------------------------------------------------- one row (child)
 def run_row(name: str, mode: dict[str, Any], device: str, out: Path, progress: bool) -> None:
     """Train and evaluate one row in this process; write its result JSON to ``out``."""
+    import logging
+
     import torch
 
     from model.data import Sequences, build_ml1m, item_counts, leave_one_out
@@ -98,6 +100,7 @@ def run_row(name: str, mode: dict[str, Any], device: str, out: Path, progress: b
     from model.model import ModelConfig, SessionModel
     from model.trainer import TrainConfig, Trainer
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.manual_seed(0)
     wf, path = build_ml1m(shared_data() / "ml-1m.txt", CACHE, max_len=mode["max_len"])
     data = Sequences.from_parquet(path)
