@@ -49,7 +49,11 @@ WORKFLOW_DIR = "workflow"
 
 @dataclasses.dataclass(frozen=True)
 class Recommendation:
-    """Top-k for one session: original item ids (``None`` never appears) and scores."""
+    """Top-k for one session: original item ids (``None`` never appears) and scores.
+
+    ``items`` holds ``k`` entries, fewer only when ``exclude_seen`` leaves fewer
+    than ``k`` items of the catalogue.
+    """
 
     session_id: str
     items: list[Any]
@@ -85,13 +89,16 @@ class Checkpoint:
         with torch.inference_mode():
             top = self.model.predict(batch.features, batch.mask, k=k, exclude_seen=exclude_seen)
         item_op = self.workflow.ops[self.model.item_feature]
-        items = item_op.decode(top.ids.reshape(-1)).to_pylist()  # type: ignore[attr-defined]
+        items = item_op.decode(top.ids.reshape(-1).cpu()).to_pylist()  # type: ignore[attr-defined]
         scores = top.scores.float().cpu().tolist()
+        real = (top.ids >= self.model.first_item_id).cpu().tolist()  # id 0: no item left
         kk = top.ids.shape[1]
-        return [
-            Recommendation(sid, items[i * kk:(i + 1) * kk], scores[i])
-            for i, sid in enumerate(batch.session_ids)
-        ]
+        out = []
+        for i, sid in enumerate(batch.session_ids):
+            keep = [j for j in range(kk) if real[i][j]]
+            out.append(Recommendation(sid, [items[i * kk + j] for j in keep],
+                                      [scores[i][j] for j in keep]))
+        return out
 
     def recommend_table(self, events: pa.Table, k: int = 10,
                         exclude_seen: bool = False) -> list[Recommendation]:
@@ -120,10 +127,10 @@ def save_checkpoint(directory: str | os.PathLike[str], model: SessionModel,
     target = Path(directory)
     if target.exists():
         raise FileExistsError(f"{target} exists: versions are immutable, pick a new name")
-    target.parent.mkdir(parents=True, exist_ok=True)
     if workflow is not None and workflow.schema != model.schema:
         raise ValueError("the workflow's schema differs from the model's: save the workflow "
                          "the model was built from (Workflow.schema)")
+    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         save_model(model, str(tmp / WEIGHTS_FILE))

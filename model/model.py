@@ -34,6 +34,7 @@ torch.Size([1, 3])
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from collections.abc import Mapping
 from typing import Any
 
@@ -78,7 +79,11 @@ class TrainOutput:
 
 @dataclasses.dataclass(frozen=True)
 class TopK:
-    """Top-k next items per session: ``ids`` ``[B, k]`` (encoded item ids) and their ``scores``."""
+    """Top-k next items per session: ``ids`` ``[B, k]`` (encoded item ids) and their ``scores``.
+
+    Where exclusions leave a row fewer than ``k`` items, its remaining slots hold
+    id ``0`` (padding: "no item") with score ``-inf``; every other id is a real item.
+    """
 
     ids: torch.Tensor
     scores: torch.Tensor
@@ -325,9 +330,16 @@ class SessionModel(nn.Module):
         """Top-``k`` next items per session.
 
         Args:
+            k: items per row, at most the number of real items (larger ``k`` is cut to it).
             exclude_seen: never recommend an item already in the session window.
             exclude: extra ``(row, item id)`` pairs ``[2, n]`` never to recommend.
+
+        Rows left with fewer than ``k`` items by the exclusions are filled with
+        id 0 at score ``-inf`` (see :class:`TopK`), never with an excluded or a
+        padding / missing / OOV id.
         """
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+            raise ValueError(f"k must be a positive int (items per session), got {k!r}")
         scores = self.score(features, mask)  # [B, V]
         if exclude_seen:
             ids = features[self.item_feature]
@@ -335,9 +347,11 @@ class SessionModel(nn.Module):
             scores = exclude_items(scores, torch.stack([rows[mask], ids[mask]]))
         if exclude is not None:
             scores = exclude_items(scores, exclude)
-        k = min(k, self.num_items - self.first_item_id)
+        k = min(int(k), self.num_items - self.first_item_id)
         top = torch.topk(scores, k, dim=1)
-        return TopK(top.indices, top.values)
+        # -inf entries are excluded or special ids that topk had to take to fill k slots
+        ids = torch.where(torch.isneginf(top.values), 0, top.indices)  # [B, k]
+        return TopK(ids, top.values)
 
     def task_predictions(self, features: Mapping[str, torch.Tensor],
                          mask: torch.Tensor) -> dict[str, torch.Tensor]:

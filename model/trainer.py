@@ -43,7 +43,7 @@ from model.data import Sequences
 from model.evaluation import evaluate
 from model.model import SessionModel
 
-__all__ = ["TrainConfig", "TrainResult", "Trainer", "distributed_context"]
+__all__ = ["TrainConfig", "TrainResult", "Trainer", "distributed_context", "local_device"]
 
 logger = logging.getLogger(__name__)
 
@@ -142,15 +142,36 @@ class TrainResult:
     peak_memory_mb: float
 
 
-def distributed_context() -> tuple[int, int]:
-    """``(rank, world_size)``; joins the process group when ``torchrun`` started us."""
+def distributed_context(device: torch.device | str | None = None) -> tuple[int, int]:
+    """``(rank, world_size)``; joins the process group when ``torchrun`` started us.
+
+    The backend follows ``device``: NCCL for CUDA, gloo for the CPU (a CPU run on a
+    GPU machine must not get NCCL, which cannot reduce CPU tensors). Without a
+    device: NCCL whenever CUDA is available.
+
+    >>> distributed_context("cpu")  # not under torchrun
+    (0, 1)
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
+        cuda = (torch.device(device).type == "cuda" if device is not None
+                else torch.cuda.is_available())
+        dist.init_process_group("nccl" if cuda else "gloo")
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def local_device(device: torch.device | str) -> torch.device:
+    """``device`` for this process: a bare ``"cuda"`` is ``cuda:LOCAL_RANK`` under ``torchrun``.
+
+    >>> local_device("cpu"), local_device("cuda:1")
+    (device(type='cpu'), device(type='cuda', index=1))
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return device
 
 
 def _lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
@@ -199,9 +220,9 @@ class Trainer:
         self.config = config
         self.train_data = train
         self.valid = valid
-        self.device = torch.device(device)
+        self.device = local_device(device)
         self.state_dir = Path(state_dir) if state_dir is not None else None
-        self.rank, self.world_size = distributed_context()
+        self.rank, self.world_size = distributed_context(self.device)
         self.model.to(self.device)
         self.optimizer = torch.optim.AdamW(
             _param_groups(model, config.weight_decay), lr=config.lr, betas=config.betas,
@@ -226,6 +247,7 @@ class Trainer:
         self._best_weights: dict[str, torch.Tensor] | None = None
         self._stale = 0
         self._epoch = 0
+        self._stopped = False
 
     # -- the loop --------------------------------------------------------------------
 
@@ -235,7 +257,7 @@ class Trainer:
         if resume:
             self._load_state()
         start, samples = time.perf_counter(), 0
-        stopped = False
+        stopped = self._stopped  # a resumed run that had stopped early trains no more
         while self._epoch < cfg.epochs and not stopped:
             epoch = self._epoch + 1
             loss, n = self._train_epoch(epoch)
@@ -287,16 +309,16 @@ class Trainer:
             b = batch.to(self.device, non_blocking=True)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._amp):
                 out = self._net(b.features, b.mask, generator=self.generator)
+            value = float(out.loss.detach())
+            if not math.isfinite(value):  # before the step: the weights stay the last good ones
+                raise FloatingPointError(
+                    f"epoch {epoch} step {step}: loss is {value}; lower lr or enable clipping")
             self.optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
             if cfg.clip_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad_norm)
             self.optimizer.step()
             self.scheduler.step()
-            value = float(out.loss.detach())
-            if not math.isfinite(value):
-                raise FloatingPointError(
-                    f"epoch {epoch} step {step}: loss is {value}; lower lr or enable clipping")
             total, count, samples = total + value, count + 1, samples + b.batch_size
             bar.update()
             bar.set_postfix(loss=f"{total / count:.4f}")
@@ -320,8 +342,30 @@ class Trainer:
 
     # -- resumable state -------------------------------------------------------------
 
+    def _rng_states(self) -> dict[str, torch.Tensor]:
+        """Every rank's RNG states as ``rng.<name>.<rank>`` (gathered to all ranks under DDP).
+
+        Each rank draws its own dropout and masking randomness, so resuming
+        must give each rank back its own streams, not rank 0's.
+        """
+        local = {"torch": torch.get_rng_state(), "generator": self.generator.get_state()}
+        if self.device.type == "cuda":
+            local["cuda"] = torch.cuda.get_rng_state(self.device)
+        if self.world_size == 1:
+            return {f"rng.{name}.0": state for name, state in local.items()}
+        out = {}
+        for name, state in local.items():  # same name order and sizes on every rank
+            mine = state.to(self.device)
+            parts = [torch.empty_like(mine) for _ in range(self.world_size)]
+            dist.all_gather(parts, mine)
+            out.update({f"rng.{name}.{r}": part.cpu() for r, part in enumerate(parts)})
+        return out
+
     def _save_state(self, stopped: bool) -> None:
-        if self.state_dir is None or self.rank != 0:
+        if self.state_dir is None:
+            return
+        rng = self._rng_states()  # a collective: every rank takes part
+        if self.rank != 0:
             return
         self.state_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{self.state_dir.name}.", dir=self.state_dir.parent))
@@ -331,10 +375,7 @@ class Trainer:
         opt = self.optimizer.state_dict()
         tensors = {f"opt.{i}.{k}": v for i, st in opt["state"].items()
                    for k, v in st.items() if isinstance(v, torch.Tensor)}
-        tensors["rng.torch"] = torch.get_rng_state()
-        tensors["rng.generator"] = self.generator.get_state()
-        if self.device.type == "cuda":
-            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
+        tensors.update(rng)
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "optimizer.safetensors"))
         doc = {"epoch": self._epoch, "stale": self._stale, "stopped": stopped,
                "best": list(self._best) if self._best else None, "history": self._history,
@@ -361,10 +402,15 @@ class Trainer:
                 state.setdefault(int(index), {})[name] = value
         self.optimizer.load_state_dict({"state": state, "param_groups": doc["param_groups"]})
         self.scheduler.load_state_dict(doc["scheduler"])
-        torch.set_rng_state(tensors["rng.torch"])
-        self.generator.set_state(tensors["rng.generator"])
-        if "rng.cuda" in tensors and self.device.type == "cuda":
-            torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
+        if f"rng.torch.{self.rank}" in tensors:
+            torch.set_rng_state(tensors[f"rng.torch.{self.rank}"])
+            self.generator.set_state(tensors[f"rng.generator.{self.rank}"])
+            if f"rng.cuda.{self.rank}" in tensors and self.device.type == "cuda":
+                torch.cuda.set_rng_state(tensors[f"rng.cuda.{self.rank}"], self.device)
+        else:
+            logger.warning("the state was saved with fewer ranks: rank %d's random streams "
+                           "start again from the seed (the run will not match one without "
+                           "the restart)", self.rank)
         best_path = self.state_dir / "best.safetensors"
         if best_path.exists():
             best = load_file(str(best_path), device=str(self.device))
@@ -372,6 +418,7 @@ class Trainer:
         self._best = tuple(doc["best"]) if doc["best"] else None  # type: ignore[assignment]
         self._history = doc["history"]
         self._stale = doc["stale"]
-        self._epoch = doc["epoch"] if not doc["stopped"] else self.config.epochs
+        self._epoch = doc["epoch"]
+        self._stopped = doc["stopped"]
         logger.info("resumed after epoch %d", self._epoch)
 

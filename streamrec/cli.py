@@ -434,6 +434,177 @@ def ingest_archive() -> None:
     _run_worker(worker, metrics, s.archive_metrics_port, "archiver")
 
 
+# --------------------------------------------------------------------------- train
+
+
+def _read_config(cls: Any, path: Path | None) -> Any:
+    """A model / train config from a JSON file; a bad file or key is a one-line error."""
+    import json
+
+    from model.config_base import ConfigError
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8")) if path is not None else {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"expected a JSON object, got {type(data).__name__}")
+        return cls.from_dict(data)
+    except (json.JSONDecodeError, ConfigError, TypeError) as e:
+        raise click.ClickException(f"{path}: {e}") from None
+
+
+def _read_sequences(path: Path, workflow: Any) -> Any:
+    """The encoded sessions of ``path``, refused if another workflow encoded them."""
+    from features.sequences import sequences_metadata
+    from model.data import Sequences
+
+    if sequences_metadata(path)["fingerprint"] != workflow.fingerprint:
+        raise click.ClickException(
+            f"{path} was encoded with another workflow (fingerprint differs); pass the "
+            "--workflow that wrote it"
+        )
+    return Sequences.from_parquet(path)
+
+
+@cli.command()
+@click.option("--sequences", required=True, help="Training sequences: Parquet written by "
+              "features.sequences.write_sequences (e.g. by the batch path).",
+              type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--workflow", "workflow_dir", required=True, help="The fitted workflow "
+              "directory that encoded the sequences; saved with the model.",
+              type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--model-config", required=True, help="JSON of model.model.ModelConfig "
+              "(block, inputs, masking, next_item, ...).",
+              type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--train-config", help="JSON of model.trainer.TrainConfig (default: its "
+              "defaults); --epochs / --batch-size / --seed override it.",
+              type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--split", type=click.Choice(["leave-one-out", "last-item"]),
+              default="leave-one-out", show_default=True,
+              help="leave-one-out: SASRec protocol inside --sequences (train on all but the "
+              "last 2 events, validate on the 2nd-to-last, test once on the last). "
+              "last-item: train on --sequences, validate on each --valid session's last item.")
+@click.option("--valid", "valid_path", help="Validation sequences for --split last-item.",
+              type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              help="Model version directory to write; must not exist (default: "
+              "models/<UTC time>).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]),
+              help="Default: cuda when available. Under torchrun each rank uses its LOCAL_RANK GPU.")
+@click.option("--epochs", type=click.IntRange(min=1), help="Override TrainConfig.epochs.")
+@click.option("--batch-size", type=click.IntRange(min=1),
+              help="Override TrainConfig.batch_size (sessions per step and rank).")
+@click.option("--seed", type=click.IntRange(min=0),
+              help="Override TrainConfig.seed (weight init, shuffling, masking, dropout).")
+@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Write resumable training state here after every epoch.")
+@click.option("--resume", is_flag=True, help="Continue from --state-dir's last finished epoch.")
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+def train(sequences: Path, workflow_dir: Path, model_config: Path, train_config: Path | None,
+          split: str, valid_path: Path | None, out: Path | None, device: str | None,
+          epochs: int | None, batch_size: int | None, seed: int | None,
+          state_dir: Path | None, resume: bool, no_progress: bool) -> None:
+    """Train a session model on encoded sequences and write a model version directory.
+
+    The version holds the weights, the workflow, metrics.json (validation
+    metrics of the selected epoch, test metrics, history, time, throughput,
+    peak memory) and the run's info. Runs under torchrun too
+    (`torchrun --nproc_per_node N -m streamrec train ...`): the batch size is per
+    rank and only rank 0 writes and prints.
+    """
+    import dataclasses
+    import time
+
+    import torch
+    import torch.distributed as dist
+
+    from features.workflow import Workflow
+    from model.checkpoint import save_checkpoint
+    from model.config_base import ConfigError
+    from model.data import item_counts, leave_one_out, next_item_split
+    from model.evaluation import evaluate
+    from model.model import ModelConfig, SessionModel
+    from model.trainer import TrainConfig, Trainer, distributed_context, local_device
+
+    if (split == "last-item") != (valid_path is not None):
+        raise click.UsageError("--valid is needed with --split last-item, and only there")
+    if resume and state_dir is None:
+        raise click.UsageError("--resume needs --state-dir")
+    model_cfg = _read_config(ModelConfig, model_config)
+    overrides = {k: v for k, v in (("epochs", epochs), ("batch_size", batch_size),
+                                   ("seed", seed)) if v is not None}
+    if no_progress:
+        overrides["progress"] = False
+    try:
+        cfg = dataclasses.replace(_read_config(TrainConfig, train_config), **overrides)
+    except ConfigError as e:
+        raise click.ClickException(str(e)) from None
+    target = out or Path("models") / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    if target.exists():
+        raise click.ClickException(f"{target} exists: versions are immutable, pick a new --out")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise click.ClickException("--device cuda: no CUDA device here; use --device cpu")
+    dev = local_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    rank, world = distributed_context(dev)
+    if rank != 0:
+        logging.getLogger().setLevel(logging.WARNING)
+    try:
+        workflow = Workflow.load(workflow_dir)
+        item = workflow.schema.item_id_feature.name
+        data = _read_sequences(sequences, workflow)
+        if valid_path is None:
+            loo = leave_one_out(data, item)
+            train_data, valid, test = loo.train, loo.valid, loo.test
+        else:
+            train_data, test = data, None
+            valid = next_item_split(_read_sequences(valid_path, workflow), item)
+        if len(valid[1]) == 0:
+            raise click.ClickException("no validation query: every session is too short")
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+        counts = item_counts(train_data, workflow.cardinalities[item], item)
+        try:
+            model = SessionModel(workflow.schema, model_cfg, item_counts=counts)
+        except ConfigError as e:
+            raise click.ClickException(str(e)) from None
+        trainer = Trainer(model, cfg, train_data, valid, device=dev, state_dir=state_dir)
+        try:
+            result = trainer.fit(resume=resume)
+        except FloatingPointError as e:  # diverged: the message says what to change
+            raise click.ClickException(str(e)) from None
+        test_metrics = None
+        if test is not None:  # once, on the validation-selected weights
+            test_metrics = evaluate(
+                model, *test, batch_size=cfg.eval_batch_size, ks=cfg.ks,
+                exclude_seen=cfg.exclude_seen, sampled_negatives=cfg.sampled_negatives,
+                device=dev, rank=rank, world_size=world, seed=cfg.seed)
+        if rank == 0:
+            metrics = {"select_metric": cfg.select_metric, "valid": result.best_valid,
+                       "test": test_metrics, **dataclasses.asdict(result)}
+            del metrics["best_valid"]  # it is "valid"
+            info = {"sequences": str(sequences), "valid_sequences": valid_path and str(valid_path),
+                    "split": split, "world_size": world, "seed": cfg.seed,
+                    "train_sessions": len(train_data), "train_config": dataclasses.asdict(cfg)}
+            path = save_checkpoint(target, model, workflow, metrics, info)
+            _echo_summary(result.best_epoch, result.best_valid, test_metrics, path)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _echo_summary(best_epoch: int, valid: dict[str, float], test: dict[str, float] | None,
+                  path: Path) -> None:
+    def fmt(m: dict[str, float] | None) -> str:
+        if not m:
+            return "-"
+        return "  ".join(f"{k}={m[k]:.4f}" for k in ("ndcg@10", "hr@10") if k in m)
+
+    click.echo(f"best epoch {best_epoch}")
+    click.echo(f"valid  {fmt(valid)}")
+    click.echo(f"test   {fmt(test)}")
+    click.echo(f"saved  {path}")
+
+
 # --------------------------------------------------------------------------- demo
 
 

@@ -63,6 +63,11 @@ def test_config_file_is_overridden_by_env(monkeypatch: pytest.MonkeyPatch, tmp_p
         '[stack]\nstartup_timeout_s = 12.5\n'
     )
     monkeypatch.setenv("STREAMREC_KAFKA_BOOTSTRAP", "env:9092")
+    # Registered with monkeypatch so the exported variables are removed afterwards.
+    monkeypatch.setenv("STREAMREC_KAFKA_PARTITIONS", "")
+    monkeypatch.setenv("STREAMREC_STACK_STARTUP_TIMEOUT_S", "")
+    monkeypatch.delenv("STREAMREC_KAFKA_PARTITIONS")
+    monkeypatch.delenv("STREAMREC_STACK_STARTUP_TIMEOUT_S")
     exported = apply_config_file(cfg)
     assert "STREAMREC_KAFKA_BOOTSTRAP" not in exported
     k, s = load(KafkaSettings), load(StackSettings)
