@@ -4,7 +4,7 @@
 
 - Data: ``../shared/data/ml-1m.txt`` (the SASRec authors' preprocessed
   MovieLens-1M: 6,040 users, 3,416 items), encoded by the feature workflow
-  into Parquet sequences (``model.data.build_ml1m``, cached under
+  into Parquet sequences (``model.ml1m.build_ml1m``, cached under
   ``bench/.cache``). Leave-one-out: per user, the last item is the test
   target, the one before it the validation target, the rest trains.
 - Metrics: NDCG@10, HR@10, NDCG@20 ranking the **whole catalogue**, with the
@@ -95,8 +95,9 @@ def run_row(name: str, mode: dict[str, Any], device: str, out: Path, progress: b
 
     import torch
 
-    from model.data import Sequences, build_ml1m, item_counts, leave_one_out
+    from model.data import Sequences, item_counts, leave_one_out
     from model.evaluation import evaluate
+    from model.ml1m import build_ml1m
     from model.model import ModelConfig, SessionModel
     from model.trainer import TrainConfig, Trainer
 

@@ -16,16 +16,14 @@ from hypothesis import strategies as st
 from features import FeatureBatch, Workflow, default_schema, read_sequences, write_sequences
 from model.data import (
     Sequences,
-    build_ml1m,
     epoch_order,
     eval_batches,
     item_counts,
     leave_one_out,
-    ml1m_schema,
     next_item_split,
     rank_batches,
-    read_ml1m,
 )
+from model.ml1m import build_ml1m, ml1m_schema, read_ml1m
 
 ML1M_USERS, ML1M_ITEMS, ML1M_ROWS = 6_040, 3_416, 999_611
 
