@@ -605,6 +605,39 @@ def _echo_summary(best_epoch: int, valid: dict[str, float], test: dict[str, floa
     click.echo(f"saved  {path}")
 
 
+# --------------------------------------------------------------------------- serve
+
+
+@cli.command()
+@click.option("--host", help="Address to listen on (STREAMREC_SERVING_HOST).")
+@click.option("--port", type=click.IntRange(0, 65535), help="Port (STREAMREC_SERVING_PORT).")
+@click.option("--models-root", help="Model registry directory or fsspec URL "
+              "(STREAMREC_SERVING_MODELS_ROOT).")
+def serve(host: str | None, port: int | None, models_root: str | None) -> None:
+    """Run the recommendation service (HTTP API; docs/serving.md).
+
+    POST /v1/recommendations answers from the Redis sessions and the model
+    version named by the registry's CURRENT pointer (hot-swapped when it moves);
+    popularity answers when it cannot. Also POST /v1/events, GET /healthz,
+    /readyz, /metrics, /docs, and /admin/* with STREAMREC_SERVING_ADMIN_TOKEN.
+    """
+    import uvicorn
+
+    from serving.app import build_app
+    from serving.settings import ServingSettings
+
+    overrides = {k: v for k, v in (("host", host), ("port", port),
+                                   ("models_root", models_root)) if v is not None}
+    settings = load(ServingSettings, **overrides)
+    kafka, redis_ = connections()
+    app = build_app(settings, kafka, _require_redis(redis_), load(IngestSettings))
+    if not kafka.bootstrap:
+        click.echo("no Kafka configured: POST /v1/events answers 503", err=True)
+    click.echo(f"serving on http://{settings.host}:{settings.port} (models: "
+               f"{settings.models_root})", err=True)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
+
+
 # --------------------------------------------------------------------------- demo
 
 

@@ -34,6 +34,7 @@ from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ingest.settings import IngestSettings, KafkaSettings, RedisSettings
+from serving.settings import ServingSettings
 
 S = TypeVar("S", bound=BaseSettings)
 
@@ -99,6 +100,7 @@ SECTIONS: dict[str, type[BaseSettings]] = {
     "kafka": KafkaSettings,
     "redis": RedisSettings,
     "ingest": IngestSettings,
+    "serving": ServingSettings,
     "stack": StackSettings,
     "log": LogSettings,
 }
