@@ -23,6 +23,7 @@ import msgspec
 from ingest.kafka import KafkaClientError, ensure_topics, make_producer
 from ingest.settings import IngestSettings, KafkaSettings, RedisSettings
 from streamrec import __version__
+from streamrec.models_cli import models
 from streamrec.settings import (
     SECTIONS,
     LogSettings,
@@ -86,6 +87,9 @@ def cli(config_file: Path | None, log_level: str | None) -> None:
 
 def main() -> None:
     cli(prog_name="streamrec")
+
+
+cli.add_command(models)
 
 
 # --------------------------------------------------------------------------- connections
