@@ -642,6 +642,91 @@ def serve(host: str | None, port: int | None, models_root: str | None) -> None:
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
 
 
+# --------------------------------------------------------------------------- monitor
+
+
+@cli.command()
+@click.option("--metrics-port", type=click.IntRange(0, 65535),
+              help="Prometheus port (STREAMREC_MONITOR_METRICS_PORT; 0 = any free port).")
+@click.option("--models-root", help="Model registry directory or fsspec URL "
+              "(STREAMREC_SERVING_MODELS_ROOT; the server's).")
+def monitor(metrics_port: int | None, models_root: str | None) -> None:
+    """Watch live clicks for drift and publish alarms (docs/drift.md).
+
+    Scores each click against what the server recommended to its session just
+    before (online HR@k / NDCG@k per model version), compares the clicked items
+    and session lengths with the champion's training window (PSI, Jensen-Shannon,
+    OOV rate, KS), runs a Page-Hinkley test on the hit rate, exports it all on
+    /metrics and publishes an alarm on the Redis channel
+    STREAMREC_MONITOR_ALARM_CHANNEL when a detector fires. Reacting (retraining)
+    is the scheduler's job.
+    """
+    from serving.monitor import monitor_worker
+    from serving.monitor_settings import MonitorSettings
+    from serving.settings import ServingSettings
+
+    overrides = {"metrics_port": metrics_port} if metrics_port is not None else {}
+    settings = load(MonitorSettings, **overrides)
+    root = models_root or load(ServingSettings).models_root
+    kafka, redis_ = connections()
+    worker, metrics = monitor_worker(_require_kafka(kafka), _require_redis(redis_), settings, root)
+    _run_worker(worker, metrics, settings.metrics_port, "drift monitor")
+
+
+# --------------------------------------------------------------------------- retrain
+
+
+@cli.command()
+@click.option("--once", is_flag=True,
+              help="Run one retrain now and exit (what the Kubernetes CronJob runs).")
+@click.option("--schedule", "cron", is_flag=False, flag_value="", default=None, metavar="CRON",
+              help="Keep running: retrain on this cron expression (UTC; alone, "
+              "STREAMREC_RETRAIN_SCHEDULE) and on drift alarms from Redis.")
+def retrain(once: bool, cron: str | None) -> None:
+    """Fine-tune the champion on the latest archive window; promote it if not worse.
+
+    Reads the last STREAMREC_RETRAIN_WINDOW_HOURS of the archive, extends the
+    vocabularies, grows and fine-tunes a copy of the champion (with a replay
+    sample of older sessions), judges both on the most recent held-out slice and
+    moves the registry's CURRENT pointer only if the challenger is not worse by
+    more than STREAMREC_RETRAIN_MARGIN; servers are told over Redis. A failed or
+    interrupted run leaves the champion as it was. Never two runs at once (a
+    file or Redis lock). Exit status: 0 promoted / rejected / skipped, 1 failed.
+    See docs/retrain.md.
+    """
+    from ingest.redis_conn import make_redis
+    from retrain.schedule import once as retrain_once
+    from retrain.schedule import serve as retrain_serve
+    from retrain.settings import RetrainSettings
+
+    if once == (cron is not None):
+        raise click.UsageError("give either --once or --schedule [CRON]")
+    settings = load(RetrainSettings, **({"schedule": cron} if cron else {}))
+    _, redis_ = connections()
+    client = make_redis(redis_) if redis_.url else None
+    if client is None:
+        click.echo("no Redis configured: servers see a promotion at their next poll, "
+                   "no drift alarms are heard", err=True)
+    if not once:
+        with stop_on_signal() as stop:
+            retrain_serve(settings, settings.schedule, stop, client)
+        return
+    summary = retrain_once(settings, client)
+    if summary is None:
+        click.echo("another retrain run holds the lock; nothing done")
+        return
+    line = f"{summary.outcome} ({summary.reason})"
+    if summary.decision:
+        d = summary.decision
+        line += (f": challenger {d['metric']}={d['challenger']:.4f}, "
+                 f"champion {d['champion']:.4f} ({summary.champion})")
+    if summary.version and summary.outcome == "promoted":
+        line += f"; new champion {summary.version}"
+    click.echo(line)
+    if summary.outcome == "failed":
+        raise click.ClickException(summary.error or "retrain failed")
+
+
 # --------------------------------------------------------------------------- demo
 
 

@@ -34,6 +34,8 @@ from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ingest.settings import IngestSettings, KafkaSettings, RedisSettings
+from retrain.settings import RetrainSettings
+from serving.monitor_settings import MonitorSettings
 from serving.settings import ServingSettings
 
 S = TypeVar("S", bound=BaseSettings)
@@ -101,6 +103,8 @@ SECTIONS: dict[str, type[BaseSettings]] = {
     "redis": RedisSettings,
     "ingest": IngestSettings,
     "serving": ServingSettings,
+    "monitor": MonitorSettings,
+    "retrain": RetrainSettings,
     "stack": StackSettings,
     "log": LogSettings,
 }
