@@ -299,7 +299,7 @@ def create_app(settings: ServingSettings, *, store: SessionStore, registry: Mode
     """
     m = metrics or ServingMetrics()
     validator = validator or EventValidator()
-    holder = ModelHolder(registry, device, m.models)
+    holder = ModelHolder(registry, device, m.models, pre_ranking=settings.pre_ranking())
     popularity = PopularityCache(lambda: store.popularity(settings.popularity_size))
     breaker = RedisBreaker(settings.redis_retry_s)
     recorder = ServedRecorder(store.client, store.config.prefix, ttl_s=settings.served_ttl_s,

@@ -45,8 +45,11 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from redis.cluster import RedisCluster
 
+from model.preranker import PreRankConfig, load_preranker
 from model.registry import ModelRegistry
 from serving.scorer import RecRequest, Scorer
+
+PRERANKER_DIR = "preranker"  # inside a model version directory
 
 __all__ = ["LoadedModel", "ModelHolder", "ModelLoadError", "ModelMetrics", "admin_router",
            "listen_for_promotions", "notify_promotion"]
@@ -115,12 +118,17 @@ class ModelHolder:
         device: where models run.
         metrics: Prometheus instruments; ``None`` = none.
         clock: wall-clock seconds (``loaded_at``).
+        pre_ranking: with ``pre_ranker="inttower"`` every version must carry its
+            pre-ranker in ``<version>/preranker/`` (model/preranker.py
+            ``save_preranker``); a version without one is not served.
     """
 
     def __init__(self, registry: ModelRegistry, device: torch.device | str = "cpu",
                  metrics: ModelMetrics | None = None,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time,
+                 pre_ranking: PreRankConfig | None = None):
         self.registry = registry
+        self.pre_ranking = pre_ranking or PreRankConfig()
         self.device = torch.device(device)
         self._metrics = metrics
         self._clock = clock
@@ -199,7 +207,15 @@ class ModelHolder:
         start = time.perf_counter()
         try:
             checkpoint = self.registry.load(version, device=self.device)
-            scorer = Scorer(checkpoint, version, self.device)
+            preranker = None
+            if self.pre_ranking.pre_ranker == "inttower":
+                path = self.registry.local_path(version) / PRERANKER_DIR
+                if not path.is_dir():
+                    raise ModelLoadError(f"pre_ranker is inttower but the version has no "
+                                         f"{PRERANKER_DIR}/ (save one with save_preranker)")
+                preranker = load_preranker(path, device=self.device)
+            scorer = Scorer(checkpoint, version, self.device, preranker=preranker,
+                            top_n=self.pre_ranking.top_n)
             smoke_test(scorer)
         except Exception as e:
             why = str(e) if isinstance(e, ModelLoadError) else f"{type(e).__name__}: {e}"

@@ -15,6 +15,11 @@ Per request, after the batch's scores ``[B, num_items]``:
   ones are ignored); the pre-ranker uses the same path;
 - a session with no stored events gets ``None``: the server answers it from
   the fallback (popularity), it is not the model's to guess.
+
+With a ``preranker`` (``pre_ranker: inttower``), the two-tower model first
+picks ``top_n`` candidates per session from the whole catalogue and the
+session model scores only those; every other item scores ``-inf``, and the
+rules above apply unchanged.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import torch
 
 from features.batch import SessionBatch
 from model.checkpoint import Checkpoint
+from model.preranker import PreRanker, candidate_scores
 
 __all__ = ["RecRequest", "Scored", "Scorer"]
 
@@ -54,7 +60,8 @@ class Scorer:
     """Scores batches of requests with ``checkpoint`` (see the module docstring)."""
 
     def __init__(self, checkpoint: Checkpoint, version: str,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", *,
+                 preranker: PreRanker | None = None, top_n: int = 1000):
         if checkpoint.workflow is None:
             raise ValueError(f"model version {version} has no workflow: it cannot encode events")
         self.checkpoint = checkpoint
@@ -66,6 +73,8 @@ class Scorer:
         self._columns = list(self.workflow.event_columns)
         item_source = self.workflow.schema[self.model.item_feature].source_column
         self._item_source = item_source
+        self.preranker = preranker
+        self.top_n = top_n
 
     def encode_items(self, items: Sequence[Any]) -> torch.Tensor:
         """Original item ids -> model ids (``< first_item_id`` for unknown items)."""
@@ -75,6 +84,17 @@ class Scorer:
         if pa.types.is_integer(column.type) and self._item_op.value_type == "string":
             column = column.cast(pa.string())
         return self._item_op.transform(column).to(torch.long)
+
+    def _scores(self, features: Mapping[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+        """``[B, V]`` next-item scores: the whole catalogue, or only the pre-ranker's top-N."""
+        if self.preranker is None:
+            return self.model.score(features, mask).float()
+        ids = features[self.model.item_feature]
+        cand = self.preranker.session_top_n(ids, mask, self.top_n).ids  # [B, N]
+        picked = candidate_scores(self.model, features, mask, cand).float()  # [B, N]
+        scores = torch.full((ids.shape[0], self.model.num_items), float("-inf"),
+                            device=ids.device)
+        return scores.scatter_(1, cand, picked)  # id 0 (no candidate) stays -inf
 
     def __call__(self, requests: Sequence[RecRequest],
                  sessions: Mapping[str, list[dict[str, Any]]]) -> list[Scored | None]:
@@ -88,7 +108,7 @@ class Scorer:
         first = self.model.first_item_id
         with torch.inference_mode():
             fb = self.workflow.transform(batch, self.device)
-            scores = self.model.score(fb.features, fb.mask).float()  # [B, V]
+            scores = self._scores(fb.features, fb.mask)  # [B, V]
             # Seen items: every stored event of the session, not only the last max_len.
             seen_rows = [row for row, i in enumerate(live) if requests[i].exclude_seen]
             if seen_rows:

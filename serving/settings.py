@@ -20,6 +20,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from model.preranker import PreRankConfig
 from serving.batcher import BatchingConfig
 
 __all__ = ["ServingSettings"]
@@ -38,6 +39,14 @@ class ServingSettings(BaseSettings):
     )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="where models run: cpu, cuda, or auto (cuda when available)"
+    )
+    # Pre-ranking (docs/inttower.md): narrow the catalogue before the session model scores it.
+    pre_ranker: Literal["none", "inttower"] = Field(
+        "none", description="none = score the whole catalogue; inttower = the two-tower "
+        "pre-ranker saved in each model version's preranker/ directory picks top-N candidates",
+    )
+    pre_ranker_top_n: int = Field(
+        1000, ge=1, le=1_000_000, description="candidates the pre-ranker hands to the scorer"
     )
     # Dynamic batching (serving/batcher.py).
     max_batch_size: int = Field(64, ge=1, le=4096, description="most requests scored together")
@@ -127,3 +136,7 @@ class ServingSettings(BaseSettings):
             max_batch_size=self.max_batch_size, max_wait_ms=self.max_wait_ms,
             max_queue=self.max_queue, latency_budget_ms=self.latency_budget_ms,
         )
+
+    def pre_ranking(self) -> PreRankConfig:
+        """The pre-ranking config of the model holder."""
+        return PreRankConfig(pre_ranker=self.pre_ranker, top_n=self.pre_ranker_top_n)

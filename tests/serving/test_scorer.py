@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pyarrow as pa
 import pytest
 import torch
 
+from features.batch import SessionBatch
 from features.schema import Feature, Kind, Schema, Tag
 from features.workflow import Workflow
 from model.checkpoint import load_checkpoint, save_checkpoint
@@ -75,3 +78,60 @@ def test_unknown_or_empty_sessions_are_left_to_the_fallback(scorer: Scorer) -> N
     got = scorer([RecRequest("missing"), RecRequest("a"), RecRequest("empty")],
                  {"a": SESSIONS["a"], "empty": []})
     assert got[0] is None and got[2] is None and got[1] is not None
+
+
+# --------------------------------------------------------------------------- pre-ranking
+
+
+def _preranker(num_items: int):
+    from model.inttower import FieldConfig, TowerConfig, TwoTowerConfig, build_two_tower
+    from model.preranker import PreRanker, build_index
+
+    torch.manual_seed(1)
+    user = TowerConfig((FieldConfig("history", "sequence", num_items),), hidden=(8,))
+    item = TowerConfig((FieldConfig("item_id", "sparse", num_items),), hidden=(8,))
+    tt = build_two_tower(TwoTowerConfig(user=user, item=item, kind="inttower", head_dim=4,
+                                        user_heads=2, item_heads=2)).eval()
+    ids = torch.arange(0, num_items)  # every id; the scorer drops the special ones
+    return PreRanker(tt, build_index(tt, {"item_id": ids}, ids))
+
+
+def test_a_preranker_with_the_whole_catalogue_changes_nothing(scorer: Scorer) -> None:
+    pre = Scorer(scorer.checkpoint, "v1", preranker=_preranker(scorer.model.num_items),
+                 top_n=scorer.model.num_items)
+    reqs = [RecRequest(s, k=6, exclude_seen=e) for s in ("a", "b", "c") for e in (False, True)]
+    for full, narrowed in zip(scorer(reqs, SESSIONS), pre(reqs, SESSIONS), strict=True):
+        assert narrowed.items == full.items
+        assert narrowed.scores == pytest.approx(full.scores, abs=1e-5)
+
+
+def test_with_top_n_the_answer_comes_from_the_preranker_candidates(scorer: Scorer) -> None:
+    pr = _preranker(scorer.model.num_items)
+    pre = Scorer(scorer.checkpoint, "v1", preranker=pr, top_n=4)
+    got = pre([RecRequest("a", k=10, exclude_seen=False)], SESSIONS)[0]
+    fb = scorer.workflow.transform(
+        SessionBatch.from_sessions({"a": SESSIONS["a"]}, list(scorer.workflow.event_columns)))
+    cand = pr.session_top_n(fb.features["item_id"], fb.mask, 4).ids[0]
+    allowed = set(scorer._item_op.decode(cand[cand >= scorer.model.first_item_id]).to_pylist())
+    assert got.items and set(got.items) <= allowed and len(got.items) <= 4
+    full = scorer([RecRequest("a", k=12, exclude_seen=False)], SESSIONS)[0]
+    assert got.items == [i for i in full.items if i in set(got.items)]  # scorer's order
+
+
+def test_a_version_without_its_preranker_is_not_served(tmp_path, scorer: Scorer) -> None:
+    from model.preranker import PreRankConfig, save_preranker
+    from model.registry import ModelRegistry
+    from serving.models import ModelHolder
+
+    reg = ModelRegistry(tmp_path)
+    reg.promote(reg.publish(scorer.checkpoint.path, name="v1"))
+    holder = ModelHolder(reg, pre_ranking=PreRankConfig(pre_ranker="inttower", top_n=3))
+    assert holder.check() is None  # refused: no preranker/ in the version
+    assert ModelHolder(reg).check() == "v1"
+    # The same version with its pre-ranker inside is served through it.
+    with_pre = tmp_path / "with-pre"
+    shutil.copytree(scorer.checkpoint.path, with_pre)
+    save_preranker(with_pre / "preranker", _preranker(scorer.model.num_items))
+    reg.promote(reg.publish(with_pre, name="v2"))
+    assert holder.check() == "v2"
+    assert holder.current.scorer.preranker is not None and holder.current.scorer.top_n == 3
