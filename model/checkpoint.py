@@ -19,9 +19,6 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
-import tempfile
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -34,6 +31,7 @@ from features.batch import SessionBatch
 from features.schema import Schema
 from features.workflow import Workflow
 from model.model import ModelConfig, SessionModel
+from model.versiondir import new_version_dir, utc_stamp
 
 __all__ = ["CHECKPOINT_FORMAT", "Checkpoint", "Recommendation", "load_checkpoint",
            "save_checkpoint"]
@@ -130,11 +128,9 @@ def save_checkpoint(directory: str | os.PathLike[str], model: SessionModel,
     if workflow is not None and workflow.schema != model.schema:
         raise ValueError("the workflow's schema differs from the model's: save the workflow "
                          "the model was built from (Workflow.schema)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with new_version_dir(target) as tmp:
         save_model(model, str(tmp / WEIGHTS_FILE))
-        meta = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        meta = {"created": utc_stamp(),
                 "workflow_fingerprint": workflow.fingerprint if workflow else None,
                 **dict(info or {})}
         _json(tmp / CONFIG_FILE, {
@@ -147,10 +143,6 @@ def save_checkpoint(directory: str | os.PathLike[str], model: SessionModel,
         _json(tmp / METRICS_FILE, dict(metrics or {}))
         if workflow is not None:
             workflow.save(tmp / WORKFLOW_DIR)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     logger.info("saved model version %s", target)
     return target
 

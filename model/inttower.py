@@ -38,9 +38,6 @@ import itertools
 import json
 import logging
 import os
-import shutil
-import tempfile
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -51,6 +48,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import Tensor, nn
 
 from model.config_base import ConfigError, from_dict, to_dict
+from model.versiondir import new_version_dir, utc_stamp
 
 __all__ = [
     "DSSM", "FORMAT", "FieldConfig", "IntTower", "LightSE", "Tower", "TowerConfig",
@@ -493,11 +491,7 @@ def save_two_tower(directory: str | os.PathLike[str], model: TwoTowerModel,
     Written under a temporary name and renamed into place; nothing is pickled.
     """
     target = Path(directory)
-    if target.exists():
-        raise FileExistsError(f"{target} exists: versions are immutable, pick a new name")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with new_version_dir(target) as tmp:
         save_model(model, str(tmp / WEIGHTS_FILE))
         for stem, tensor_dict in (tensors or {}).items():
             if stem == "model":
@@ -505,14 +499,9 @@ def save_two_tower(directory: str | os.PathLike[str], model: TwoTowerModel,
             save_file({k: v.detach().contiguous().cpu() for k, v in tensor_dict.items()},
                       str(tmp / f"{stem}.safetensors"))
         doc = {"format": FORMAT, "model": model.config.to_dict(),
-               "info": {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                        **dict(info or {})}}
+               "info": {"created": utc_stamp(), **dict(info or {})}}
         (tmp / CONFIG_FILE).write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n")
         (tmp / METRICS_FILE).write_text(json.dumps(dict(metrics or {}), indent=1) + "\n")
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     logger.info("saved two-tower version %s", target)
     return target
 

@@ -110,13 +110,22 @@ class Scorer:
             fb = self.workflow.transform(batch, self.device)
             scores = self._scores(fb.features, fb.mask)  # [B, V]
             # Seen items: every stored event of the session, not only the last max_len.
+            # The window's ids are already encoded; only longer sessions are encoded again.
             seen_rows = [row for row, i in enumerate(live) if requests[i].exclude_seen]
             if seen_rows:
-                histories = [sessions[requests[live[row]].session_id] for row in seen_rows]
-                ids = self.encode_items([ev.get(self._item_source) for h in histories for ev in h])
-                rows = torch.repeat_interleave(torch.tensor(seen_rows),
-                                               torch.tensor([len(h) for h in histories]))
-                scores[rows.to(self.device), ids.to(self.device)] = float("-inf")
+                chosen = torch.zeros(len(live), dtype=torch.bool, device=self.device)
+                chosen[seen_rows] = True
+                r, c = (fb.mask & chosen[:, None]).nonzero(as_tuple=True)
+                scores[r, fb.features[self.model.item_feature][r, c]] = float("-inf")
+                longer = [row for row in seen_rows
+                          if len(sessions[requests[live[row]].session_id]) > self.workflow.max_len]
+                if longer:
+                    histories = [sessions[requests[live[row]].session_id] for row in longer]
+                    ids = self.encode_items([ev.get(self._item_source)
+                                             for h in histories for ev in h])
+                    rows = torch.repeat_interleave(torch.tensor(longer),
+                                                   torch.tensor([len(h) for h in histories]))
+                    scores[rows.to(self.device), ids.to(self.device)] = float("-inf")
             for row, i in enumerate(live):
                 cands = requests[i].candidates
                 if cands is not None:
