@@ -53,6 +53,7 @@ import pyarrow.compute as pc
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, push_to_gateway
 
+from features.schema import Feature, Kind, Schema, Tag
 from features.sequences import write_sequences
 from features.workflow import Workflow
 from ingest.archive import read_window
@@ -62,13 +63,13 @@ from model.data import Sequences, item_counts, next_item_split
 from model.drift import SESSION_LENGTHS_INFO_KEY, length_counts
 from model.evaluation import evaluate
 from model.growth import GrowthConfig, grow_model
-from model.model import SessionModel
+from model.model import ModelConfig, SessionModel
 from model.registry import ModelRegistry, new_version_name
 from model.trainer import TrainConfig, Trainer
 from retrain.settings import RetrainSettings
 
-__all__ = ["Decision", "FineTune", "RetrainMetrics", "RunSummary", "decide", "fine_tune",
-           "run_once", "session_parts", "split_cuts"]
+__all__ = ["Decision", "FineTune", "RetrainMetrics", "RunSummary", "bootstrap_model_config",
+           "bootstrap_schema", "decide", "fine_tune", "run_once", "session_parts", "split_cuts"]
 
 logger = logging.getLogger(__name__)
 
@@ -218,6 +219,24 @@ def push_metrics(metrics: RetrainMetrics, gateway: str | None) -> None:
 
 
 # -- steps ------------------------------------------------------------------------------
+
+
+def bootstrap_schema(s: RetrainSettings) -> Schema:
+    """The feature schema of a bootstrapped model: ``schema_file``, else item id + category."""
+    if s.schema_file:
+        return Schema.load(s.schema_file)
+    return Schema([
+        Feature("item_id", Kind.CATEGORICAL, tags={Tag.ITEM_ID}, transform={"op": "categorify"}),
+        Feature("category", Kind.CATEGORICAL, transform={"op": "categorify"}),
+    ])
+
+
+def bootstrap_model_config(s: RetrainSettings) -> ModelConfig:
+    """The architecture of a bootstrapped model: ``model_config_file``, else a small SASRec."""
+    if s.model_config_file:
+        return ModelConfig.from_dict(json.loads(Path(s.model_config_file).read_text()))
+    return ModelConfig.from_dict({"block": {"name": "sasrec", "d_model": 64, "n_layers": 2,
+                                            "n_heads": 2, "max_len": 20, "dropout": 0.2}})
 
 
 def fine_tune(model: SessionModel, train: Sequences,
@@ -375,15 +394,25 @@ def _run(s: RetrainSettings, summary: RunSummary, step: _Steps, now_ms: int,
     step("champion", f"loading the champion from {registry.root}")
     champion_name = registry.current()
     if champion_name is None:
-        raise RuntimeError(f"no champion in {registry.root}: train a first model (`streamrec "
-                           "train`) and promote it (`streamrec models publish --promote`)")
-    summary.champion = champion_name
-    champion = registry.load(champion_name, device=device)
-    wf = champion.workflow
-    if wf is None:
-        raise RuntimeError(f"champion {champion_name} was saved without its workflow; retrain "
-                           "needs it to extend the vocabularies (save_checkpoint(..., workflow))")
-    item = champion.model.item_feature
+        if not s.bootstrap:
+            raise RuntimeError(f"no champion in {registry.root} and bootstrap is off: train a "
+                               "first model (`streamrec train`) and promote it (`streamrec "
+                               "models publish --promote`), or set STREAMREC_RETRAIN_BOOTSTRAP")
+        logger.info("retrain: no champion in %s; bootstrapping a first model from the window",
+                    registry.root)
+        model_config = bootstrap_model_config(s)
+        wf = Workflow(bootstrap_schema(s), max_len=model_config.block.max_len)
+        champion_model: SessionModel | None = None
+    else:
+        summary.champion = champion_name
+        champion = registry.load(champion_name, device=device)
+        wf = champion.workflow
+        if wf is None:
+            raise RuntimeError(f"champion {champion_name} was saved without its workflow; "
+                               "retrain needs it to extend the vocabularies "
+                               "(save_checkpoint(..., workflow))")
+        champion_model = champion.model
+    item = wf.schema.item_id_feature.name
 
     end = now_ms - round(s.lag_s * 1000)
     start = end - round(s.window_hours * HOUR_MS)
@@ -402,10 +431,15 @@ def _run(s: RetrainSettings, summary: RunSummary, step: _Steps, now_ms: int,
                        n_train, s.min_sessions)
         return
 
-    step("vocabulary", f"extending the workflow on {slices['train'].num_rows} events")
-    old_items = wf.cardinalities[item]
-    wf.partial_fit(slices["train"])
-    summary.counts["new_items"] = wf.cardinalities[item] - old_items
+    if champion_model is None:
+        step("vocabulary", f"fitting the workflow on {slices['train'].num_rows} events")
+        wf.fit(slices["train"])
+        summary.counts["new_items"] = wf.cardinalities[item]
+    else:
+        step("vocabulary", f"extending the workflow on {slices['train'].num_rows} events")
+        old_items = wf.cardinalities[item]
+        wf.partial_fit(slices["train"])
+        summary.counts["new_items"] = wf.cardinalities[item] - old_items
 
     step("sequences", "encoding train / valid / held-out and the replay sample")
     replay = _replay(s, start, n_train, wf, columns)
@@ -414,7 +448,10 @@ def _run(s: RetrainSettings, summary: RunSummary, step: _Steps, now_ms: int,
     train = _encode(train_table, wf, scratch / "train.parquet", s.progress)
     valid_seq = _encode(slices["valid"], wf, scratch / "valid.parquet", s.progress)
     heldout_seq = _encode(slices["heldout"], wf, scratch / "heldout.parquet", s.progress)
-    first = champion.model.first_item_id
+    if champion_model is None:
+        torch.manual_seed(s.seed)
+        challenger = SessionModel(wf.schema, model_config).to(device)
+    first = (champion_model or challenger).first_item_id
     valid = _queries(valid_seq, item, first) if valid_seq is not None else None
     if valid is not None and len(valid[1]) == 0:
         valid = None
@@ -426,32 +463,44 @@ def _run(s: RetrainSettings, summary: RunSummary, step: _Steps, now_ms: int,
         logger.warning("retrain: no held-out query to judge a challenger on; widen the window")
         return
 
-    step("challenger", f"growing the champion and fine-tuning on {len(train)} sessions")
-    gen = torch.Generator(device=device).manual_seed(s.seed)
-    counts = item_counts(train, wf.cardinalities[item], item)
-    grown = grow_model(champion.model, wf.schema, GrowthConfig(noise=s.new_item_noise),
-                       item_counts=counts, generator=gen)
-    challenger = copy.deepcopy(grown)
     ks = tuple(sorted({10, 20, s.k}))
-    config = TrainConfig(epochs=s.epochs, batch_size=s.batch_size, lr=s.lr, ks=ks, seed=s.seed,
+    if champion_model is None:
+        step("challenger", f"training a first model from scratch on {len(train)} sessions")
+        grown = None
+        epochs, lr = s.bootstrap_epochs, s.bootstrap_lr
+    else:
+        step("challenger", f"growing the champion and fine-tuning on {len(train)} sessions")
+        gen = torch.Generator(device=device).manual_seed(s.seed)
+        counts = item_counts(train, wf.cardinalities[item], item)
+        grown = grow_model(champion_model, wf.schema, GrowthConfig(noise=s.new_item_noise),
+                           item_counts=counts, generator=gen)
+        challenger = copy.deepcopy(grown)
+        epochs, lr = s.epochs, s.lr
+    config = TrainConfig(epochs=epochs, batch_size=s.batch_size, lr=lr, ks=ks, seed=s.seed,
                          select_metric=s.metric, progress=s.progress)
     summary.train = dict(tune(challenger, train, valid, config, device))
     failpoint("retrain.trained")
 
-    step("evaluate", f"challenger and champion on {len(heldout[1])} held-out queries")
-    judged = {name: evaluate(m, *heldout, ks=ks, device=device, seed=s.seed)
-              for name, m in (("challenger", challenger), ("champion", grown))}
+    judges = (("challenger", challenger),) if grown is None else (
+        ("challenger", challenger), ("champion", grown))
+    step("evaluate", f"{' and '.join(n for n, _ in judges)} on {len(heldout[1])} held-out queries")
+    judged = {name: evaluate(m, *heldout, ks=ks, device=device, seed=s.seed) for name, m in judges}
     summary.metrics = judged
 
-    step("decide", f"promote iff challenger {s.metric} >= champion - {s.margin}")
-    decision = decide(judged["challenger"], judged["champion"], s.metric, s.margin)
-    summary.decision = dataclasses.asdict(decision)
-    logger.info("retrain: challenger %s=%.4f, champion %.4f: %s", s.metric,
-                decision.challenger, decision.champion,
-                "promote" if decision.promote else "keep the champion")
-    if not decision.promote:
-        summary.outcome, summary.reason = "rejected", decision.reason
-        return
+    if grown is None:
+        step("decide", "bootstrap: the first model is promoted")
+        reason = "bootstrap"
+    else:
+        step("decide", f"promote iff challenger {s.metric} >= champion - {s.margin}")
+        decision = decide(judged["challenger"], judged["champion"], s.metric, s.margin)
+        summary.decision = dataclasses.asdict(decision)
+        logger.info("retrain: challenger %s=%.4f, champion %.4f: %s", s.metric,
+                    decision.challenger, decision.champion,
+                    "promote" if decision.promote else "keep the champion")
+        if not decision.promote:
+            summary.outcome, summary.reason = "rejected", decision.reason
+            return
+        reason = decision.reason
 
     step("publish", "saving, publishing, moving the pointer")
     lengths = pc.value_counts(slices["train"][wf.session_col].combine_chunks()).field("counts")
@@ -460,7 +509,7 @@ def _run(s: RetrainSettings, summary: RunSummary, step: _Steps, now_ms: int,
                         "counts": summary.counts}, "data_cutoff_ms": end,
             SESSION_LENGTHS_INFO_KEY: length_counts(lengths.to_pylist())}
     version_metrics = {"select_metric": s.metric, "heldout": judged["challenger"],
-                       "champion_heldout": judged["champion"], "train": summary.train}
+                       "champion_heldout": judged.get("champion"), "train": summary.train}
     saved = save_checkpoint(scratch / "version", challenger, wf, version_metrics, info)
     failpoint("retrain.saved")
     version = registry.publish(saved, name=summary.run_id)
@@ -472,7 +521,7 @@ def _run(s: RetrainSettings, summary: RunSummary, step: _Steps, now_ms: int,
                        version)
         return
     registry.promote(version)
-    summary.outcome, summary.reason = "promoted", decision.reason
+    summary.outcome, summary.reason = "promoted", reason
     if redis is not None:
         try:
             summary.notified = int(redis.publish(s.notify_channel, version))

@@ -87,6 +87,27 @@ class RetrainSettings(BaseSettings):
         0.1, ge=0, le=10,
         description="new embedding rows = mean row + noise * per-dimension std (model/growth.py)",
     )
+    bootstrap: bool = Field(
+        True,
+        description="no champion yet: train a first model from scratch on the window "
+        "(schema_file, model_config_file, bootstrap_epochs, bootstrap_lr) and promote it",
+    )
+    schema_file: str | None = Field(
+        None,
+        description="feature schema JSON of a bootstrapped model (features.schema.Schema.save); "
+        "default: item_id and category, both categorical",
+    )
+    model_config_file: str | None = Field(
+        None,
+        description="model.model.ModelConfig JSON of a bootstrapped model; default: a small "
+        "SASRec (d_model 64, 2 layers, max_len 20)",
+    )
+    bootstrap_epochs: int = Field(
+        10, ge=1, le=1000, description="epochs (at most) of a bootstrap run"
+    )
+    bootstrap_lr: float = Field(
+        3e-3, gt=0, le=1, description="learning rate of a bootstrap run (AdamW)"
+    )
     seed: int = Field(0, ge=0, description="replay sampling, new rows, shuffling")
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="where to fine-tune: cpu, cuda, or auto (cuda when available)"

@@ -289,9 +289,38 @@ def test_empty_window_is_skipped_and_no_champion_is_a_clear_failure(
     assert (summary.outcome, summary.reason) == ("skipped", "not_enough_data")
     assert summary.counts == {"events": 0, "train": 0}
     assert tree(tmp_path / "models") == before
-    empty = s.model_copy(update={"models_root": str(tmp_path / "no-models")})
+    empty = s.model_copy(update={"models_root": str(tmp_path / "no-models"), "bootstrap": False})
     failed = run_once(empty, now_ms=world.now_ms)
     assert failed.outcome == "failed" and "streamrec train" in (failed.error or "")
+    assert not (tmp_path / "no-models" / "CURRENT").exists()
+
+
+def test_no_champion_bootstraps_a_first_model_from_the_window(world: World,
+                                                              tmp_path: Path) -> None:
+    """An empty registry: the run fits the workflow on the window, trains from scratch on it,
+    and promotes the result, which then recommends (with ids mapped back)."""
+    config = tmp_path / "gru.json"
+    config.write_text(json.dumps({"block": {"name": "gru", "d_model": 32, "n_layers": 1,
+                                            "max_len": 12, "dropout": 0.0}}))
+    s = settings(world, tmp_path, models_root=str(tmp_path / "fresh"), model_config_file=str(config),
+                 bootstrap_epochs=4, bootstrap_lr=5e-3, window_hours=8, replay_hours=0)
+    summary = run_once(s, now_ms=world.now_ms, trigger="bootstrap")
+    assert (summary.outcome, summary.reason) == ("promoted", "bootstrap"), summary.error
+    assert summary.champion is None and summary.decision is None
+    assert set(summary.metrics) == {"challenger"}
+    registry = ModelRegistry(tmp_path / "fresh")
+    assert registry.current() == summary.version
+    loaded = registry.load(summary.version)
+    assert loaded.workflow is not None and loaded.model.config.block.name == "gru"
+    # every item of the window's training slice got an id, and the model learned the window:
+    # far better than chance (1 / #items) on the held-out queries.
+    items = loaded.workflow.cardinalities["item_id"]
+    assert summary.counts["new_items"] == items == loaded.model.num_items > 50
+    assert summary.metrics["challenger"]["hr@10"] > 5 * 10 / items
+    # a second run finds that champion and fine-tunes it (no second bootstrap)
+    again = run_once(s, now_ms=world.now_ms)
+    assert again.champion == summary.version and again.outcome in ("promoted", "rejected")
+    assert again.reason != "bootstrap"
 
 
 @cuda
