@@ -10,6 +10,9 @@
   produced to the events topic (202 once the broker acknowledged them).
 - ``GET /healthz`` (the process answers), ``GET /readyz`` (a model is loaded
   and Redis answers), ``GET /metrics`` (Prometheus).
+- ``GET /v1/items``, ``GET /v1/sessions/{id}``, ``GET /v1/timeline``: popular
+  items, a session's stored events, the drift timeline; what the demo page
+  (``GET /``, assets under ``/static/``) shows.
 - ``/admin/*`` (bearer token): model status, reload, pin and unpin a version.
 
 Requests never see a 500 for Redis trouble, a missing model or a scoring
@@ -24,15 +27,17 @@ import threading
 import time
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import msgspec
 import redis
 import torch
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -52,6 +57,7 @@ from model.registry import ModelRegistry
 from serving.batcher import BatcherMetrics, DynamicBatcher, Overloaded
 from serving.fallback import FallbackReason, PopularityCache, RedisBreaker, popular_answer
 from serving.models import ModelHolder, ModelMetrics, admin_router, listen_for_promotions
+from serving.monitor import read_timeline
 from serving.online import ServedRecord, ServedRecorder
 from serving.scorer import RecRequest
 from serving.settings import ServingSettings
@@ -62,6 +68,10 @@ logger = logging.getLogger(__name__)
 
 _REDIS_ERRORS = (redis.RedisError, RedisClusterException, OSError)
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+STATIC_DIR = Path(__file__).parent / "static"
+# The demo page loads nothing from elsewhere; the policy makes the browser enforce it.
+_PAGE_CSP = ("default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
+             "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'")
 
 
 class ServingMetrics:
@@ -192,6 +202,89 @@ class RecommendationResponse(BaseModel):
         description="null when the model answered, else the strategy that did")
     fallback_reason: FallbackReason | None = Field(description="why the fallback answered")
     latency_ms: float = Field(description="time spent in the server")
+
+
+class ItemInfo(BaseModel):
+    item_id: str
+    rank: int = Field(description="1 = the most popular")
+    popularity: float = Field(description="decayed click count (docs/redis-layout.md)")
+    in_model: bool | None = Field(
+        description="in the serving model's vocabulary (false: a new item the model cannot "
+        "recommend yet); null while no model is loaded")
+
+
+class ItemsResponse(BaseModel):
+    items: list[ItemInfo] = Field(description="most popular first")
+    model_version: str | None = Field(description="the version serving now")
+    popularity_age_s: float | None = Field(
+        description="age of the server's copy of popularity; null before the first copy")
+
+
+class SessionEvent(BaseModel):
+    event_id: str
+    item_id: str
+    ts: int = Field(description="event time, ms since epoch")
+    event_type: str
+    user_id: str | None = None
+    features: dict[str, str | int | float] = Field(default_factory=dict,
+                                                   description="side features")
+
+
+class SessionResponse(BaseModel):
+    session_id: str
+    events: list[SessionEvent] = Field(description="the last `limit` stored events, oldest "
+                                       "first; empty for an unknown or expired session")
+    stored: int = Field(description="events the store holds for the session")
+
+
+class ActiveAlarm(BaseModel):
+    detector: str
+    model_version: str
+
+
+class AlarmInfo(BaseModel):
+    detector: str
+    statistic: float | None
+    threshold: float | None
+    model_version: str = Field(description="the version the alarm is about")
+    samples: int
+
+
+class VersionQuality(BaseModel):
+    model_version: str = Field(description='"none" for fallback answers')
+    answer: Literal["model", "fallback"]
+    hr: float | None
+    ndcg: float | None
+    window: int = Field(description="scored clicks behind hr and ndcg")
+    scored: int = Field(description="clicks scored since the monitor started")
+    hits: int
+
+
+class TimelineEntry(BaseModel):
+    """One drift timeline entry (docs/drift.md); fields not of its kind are left out."""
+
+    kind: Literal["point", "alarm", "champion"]
+    ts: float = Field(description="wall-clock seconds since epoch")
+    model_version: str | None = Field(description="the champion (the new one, for a "
+                                      "champion entry)")
+    k: int | None = None
+    hr: float | None = Field(None, description="the champion's online HR@k (last window)")
+    ndcg: float | None = Field(None, description="the champion's online NDCG@k (last window)")
+    window: int | None = None
+    scored: int | None = Field(None, description="model answers scored, cumulative")
+    hits: int | None = Field(None, description="of which hits, cumulative")
+    psi: float | None = None
+    js: float | None = None
+    oov_rate: float | None = None
+    session_length_ks: float | None = None
+    alarms: list[ActiveAlarm] | None = Field(None, description="alarms holding")
+    versions: list[VersionQuality] | None = None
+    alarm: AlarmInfo | None = Field(None, description="kind alarm: the alarm raised")
+    previous: str | None = Field(None, description="kind champion: the champion before")
+
+
+class TimelineResponse(BaseModel):
+    entries: list[TimelineEntry] = Field(description="oldest first")
 
 
 def _request_model(s: ServingSettings) -> type[BaseModel]:
@@ -455,6 +548,81 @@ def create_app(settings: ServingSettings, *, store: SessionStore, registry: Mode
             raise HTTPException(503, f"events not accepted by the broker, retry: {e}") from None
         m.events.labels("produced").inc(len(events))
         return {"accepted": len(events)}
+
+    # -- what the demo page reads -------------------------------------------------------
+
+    def redis_unavailable(what: str, e: Exception) -> HTTPException:
+        m.redis_errors.labels(what).inc()
+        return HTTPException(503, f"Redis unavailable, retry: {e}")
+
+    @app.get("/v1/items", response_model=ItemsResponse, summary="The most popular items")
+    async def list_items(k: Annotated[int, Query(ge=1, le=settings.max_k,
+                                                 description="how many")] = 20) -> ItemsResponse:
+        popular = popularity.items[:k]
+        loaded = holder.current
+
+        def known() -> list[bool] | None:
+            if loaded is None or not popular:
+                return None
+            ids = loaded.scorer.encode_items([i for i, _ in popular])
+            return (ids >= loaded.scorer.model.first_item_id).tolist()
+
+        in_model = await blocking(known)
+        age = popularity.age_s()
+        return ItemsResponse(
+            items=[ItemInfo(item_id=i, rank=n + 1, popularity=score,
+                            in_model=None if in_model is None else in_model[n])
+                   for n, (i, score) in enumerate(popular)],
+            model_version=loaded.version if loaded else None,
+            popularity_age_s=None if age is None else round(age, 3))
+
+    session_fields = {"event_id", "item_id", "ts", "event_type", "user_id"}
+
+    @app.get("/v1/sessions/{session_id:path}", response_model=SessionResponse,
+             summary="A session's stored events",
+             responses={422: {"description": "session_id breaks the event contract"},
+                        503: {"description": "Redis unavailable"}})
+    async def get_session(session_id: str, limit: Annotated[int, Query(
+            ge=1, le=10_000, description="the last this many events")] = 50) -> SessionResponse:
+        if len(session_id) > validator.max_id_len:  # the event contract's limit
+            raise HTTPException(422, {"reason": "too_long", "message": (
+                f"session_id has {len(session_id)} chars; the limit is {validator.max_id_len}")})
+        try:
+            stored = await blocking(store.session, session_id)
+        except _REDIS_ERRORS as e:
+            raise redis_unavailable("session", e) from None
+        events = [SessionEvent(**{k: v for k, v in ev.items() if k in session_fields},
+                               features={k: v for k, v in ev.items() if k not in session_fields})
+                  for ev in stored[-limit:]]
+        return SessionResponse(session_id=session_id, events=events, stored=len(stored))
+
+    @app.get("/v1/timeline", response_model=TimelineResponse, response_model_exclude_unset=True,
+             summary="The drift monitor's timeline (docs/drift.md)",
+             responses={503: {"description": "Redis unavailable"}})
+    async def timeline(
+        since: Annotated[float | None, Query(ge=0, description="only entries with a later ts "
+                                             "(seconds); all without it")] = None,
+        limit: Annotated[int | None, Query(ge=1, le=1_000_000,
+                                           description="the newest this many")] = None,
+    ) -> dict[str, Any]:
+        try:
+            entries = await blocking(read_timeline, store.client, store.config.prefix, since,
+                                     limit)
+        except _REDIS_ERRORS as e:
+            raise redis_unavailable("timeline", e) from None
+        return {"entries": entries}
+
+    if settings.demo_page and not (STATIC_DIR / "index.html").is_file():
+        logger.warning("the demo page is not installed (no %s; the package was installed "
+                       "without its data files): / is not served", STATIC_DIR / "index.html")
+    elif settings.demo_page:
+        page = (STATIC_DIR / "index.html").read_text(encoding="utf-8")
+        app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+        @app.get("/", response_class=HTMLResponse, summary="The demo page (docs/serving.md)")
+        async def demo_page() -> HTMLResponse:
+            return HTMLResponse(page, headers={"Content-Security-Policy": _PAGE_CSP,
+                                               "Cache-Control": "no-cache"})
 
     # -- health and metrics ------------------------------------------------------------
 

@@ -13,11 +13,15 @@ topic. For every polled batch, in this order:
    returns the alarms due;
 4. publish the alarms on the Redis channel (best effort: a failed publish is
    counted and retried on the next batch or tick);
-5. return the batch's offsets for the worker to commit.
+5. append to the drift timeline in Redis (:func:`write_timeline`, one
+   pipelined round trip, best effort): a marker for each alarm and champion
+   change, and every ``timeline_interval_s`` a point with the statistics;
+6. return the batch's offsets for the worker to commit.
 
 What the monitor holds is in-memory statistics, not durable effects: after a
 restart it starts its windows afresh, and records re-delivered by a crash
-are counted again. The champion is the registry's ``CURRENT`` version, read
+are counted again (the timeline is a record for people and charts, not state
+the monitor reads back). The champion is the registry's ``CURRENT`` version, read
 every ``registry_poll_s``; when it moves the item and length references are
 those of the new version and its alarms start afresh. Spec, thresholds,
 metrics and the alarm contract: ``docs/drift.md``.
@@ -27,10 +31,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -47,6 +53,9 @@ from ingest.worker import Offsets, TransientError, Worker, WorkerOptions, next_o
 from model.checkpoint import CONFIG_FILE, WORKFLOW_DIR
 from model.drift import (
     HR_PAGE_HINKLEY,
+    ITEM_JS,
+    ITEM_PSI,
+    OOV_RATE,
     SESSION_LENGTH_KS,
     SESSION_LENGTHS_INFO_KEY,
     DistributionMonitor,
@@ -62,7 +71,8 @@ from serving.monitor_settings import MonitorSettings
 from serving.online import ServedRecord, answer_before, decode_record, rank_of, served_key
 
 __all__ = ["MonitorHandler", "MonitorMetrics", "OnlineMonitor", "Reference", "SessionTracker",
-           "load_reference", "monitor_worker", "publish_alarm", "read_served"]
+           "alarm_marker", "champion_marker", "load_reference", "monitor_worker",
+           "publish_alarm", "read_served", "read_timeline", "timeline_key", "write_timeline"]
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +120,11 @@ class MonitorMetrics:
                                   ["detector", "model_version"], registry=r)
         self.publish_failures = Counter(f"{ns}_alarm_publish_failures", "Alarms whose publish "
                                         "failed (retried)", registry=r)
+        self.timeline_points = Counter(f"{ns}_timeline_points", "Entries written to the drift "
+                                       "timeline, by kind (point, alarm, champion)", ["kind"],
+                                       registry=r)
+        self.timeline_failures = Counter(f"{ns}_timeline_write_failures", "Drift timeline "
+                                         "writes that failed (markers are retried)", registry=r)
 
 
 @dataclass(frozen=True)
@@ -197,6 +212,8 @@ class OnlineMonitor:
         self._clock = clock
         self._types = settings.event_type_set
         self._quality: OrderedDict[tuple[str, str], Prequential] = OrderedDict()
+        self._totals: dict[tuple[str, str], list[int]] = {}  # key -> [scored, hits]
+        self._model_totals = [0, 0]  # [scored, hits] of every model answer since the start
         self._ph: dict[str, PageHinkley] = {}
         self._sessions = SessionTracker(int(settings.session_gap_s * 1000),
                                         settings.max_open_sessions)
@@ -269,6 +286,12 @@ class OnlineMonitor:
         quality.update(rank)
         touched.add(key)
         hit, gain = rank_gain(rank, self.settings.k)
+        totals = self._totals.setdefault(key, [0, 0])
+        totals[0] += 1
+        totals[1] += int(hit)
+        if kind == "model":
+            self._model_totals[0] += 1
+            self._model_totals[1] += int(hit)
         m = self.metrics
         m.scored.labels(*key).inc()
         m.hits.labels(*key).inc(hit)
@@ -310,11 +333,45 @@ class OnlineMonitor:
                 m.page_hinkley.labels(key[0]).set(self._ph[key[0]].statistic)
         while len(self._quality) > MAX_VERSIONS:
             (version, kind), _ = self._quality.popitem(last=False)
+            self._totals.pop((version, kind), None)
             for gauge in (m.hr, m.ndcg):
                 gauge.remove(version, kind)
             if kind == "model":
                 self._ph.pop(version, None)
                 m.page_hinkley.remove(version)
+
+    # -- the timeline ------------------------------------------------------------------
+
+    def timeline_point(self, ts: float) -> dict[str, Any]:
+        """The statistics now, as one drift timeline point (``docs/drift.md``, no I/O).
+
+        ``hr``, ``ndcg`` and ``window`` are the champion's model answers over
+        its last ``metric_window`` scored clicks (null before the first);
+        ``scored`` and ``hits`` count every model answer scored since the
+        monitor started, whatever its version (``versions`` has each pair).
+        """
+        ref = self.reference
+        champion = ref.version if ref is not None else None
+        quality = self._quality.get((champion, "model")) if champion is not None else None
+        items = self._items.statistics() if self._items is not None else {}
+        versions = []
+        for (version, kind), q in self._quality.items():
+            scored, hits = self._totals.get((version, kind), (0, 0))
+            versions.append({"model_version": version, "answer": kind, "hr": _finite(q.hr),
+                             "ndcg": _finite(q.ndcg), "window": q.n, "scored": scored,
+                             "hits": hits})
+        return {
+            "kind": "point", "ts": round(ts, 3), "model_version": champion, "k": self.settings.k,
+            "hr": _finite(quality.hr) if quality else None,
+            "ndcg": _finite(quality.ndcg) if quality else None,
+            "window": quality.n if quality else 0,
+            "scored": self._model_totals[0], "hits": self._model_totals[1],
+            "psi": _finite(items.get(ITEM_PSI)), "js": _finite(items.get(ITEM_JS)),
+            "oov_rate": _finite(items.get(OOV_RATE)),
+            "session_length_ks": _finite(self._lengths.ks) if self._lengths else None,
+            "alarms": [{"detector": d, "model_version": v} for d, v in sorted(self._last_alarm)],
+            "versions": versions,
+        }
 
     # -- alarms ------------------------------------------------------------------------
 
@@ -395,30 +452,113 @@ def publish_alarm(client: redis.Redis | RedisCluster, channel: str, alarm: Drift
     return int(client.publish(channel, alarm.to_json()))
 
 
+def _finite(x: float | None) -> float | None:
+    """``x`` as a JSON-safe number: ``None`` for missing, NaN or infinite values."""
+    return float(x) if x is not None and math.isfinite(x) else None
+
+
+def timeline_key(prefix: str) -> str:
+    """The drift timeline's key (a sorted set scored by ``ts``; ``docs/drift.md``).
+
+    >>> timeline_key("sr")
+    'sr:{drift}:timeline'
+    """
+    return f"{prefix}:{{drift}}:timeline"
+
+
+def alarm_marker(alarm: DriftAlarm, champion: str | None, ts: float) -> dict[str, Any]:
+    """The timeline entry of one raised alarm.
+
+    >>> a = DriftAlarm("oov_rate", 0.5, 0.2, "v1", 1_700_000_000_000, 300)
+    >>> alarm_marker(a, "v1", 1_700_000_000.0)["alarm"]["detector"]
+    'oov_rate'
+    """
+    return {"kind": "alarm", "ts": round(ts, 3), "model_version": champion,
+            "alarm": {"detector": alarm.detector, "statistic": _finite(alarm.statistic),
+                      "threshold": _finite(alarm.threshold),
+                      "model_version": alarm.model_version, "samples": alarm.samples}}
+
+
+def champion_marker(version: str, previous: str | None, ts: float) -> dict[str, Any]:
+    """The timeline entry of a new champion (``previous``: the one before, if any)."""
+    return {"kind": "champion", "ts": round(ts, 3), "model_version": version,
+            "previous": previous}
+
+
+def write_timeline(client: redis.Redis | RedisCluster, prefix: str,
+                   entries: Sequence[Mapping[str, Any]], max_points: int) -> None:
+    """Add timeline entries (each with a ``ts``) and keep the newest ``max_points``.
+
+    One pipelined round trip: ``ZADD`` (member: the entry as compact JSON,
+    score: its ``ts``) then ``ZREMRANGEBYRANK`` of the oldest beyond the cap.
+    Raises Redis errors (the monitor counts them and goes on).
+    """
+    if not entries:
+        return
+    key = timeline_key(prefix)
+    members = {json.dumps(e, separators=(",", ":"), allow_nan=False): float(e["ts"])
+               for e in entries}
+    pipe = client.pipeline(transaction=False)
+    pipe.zadd(key, members)
+    pipe.zremrangebyrank(key, 0, -(max_points + 1))
+    pipe.execute()
+
+
+def read_timeline(client: redis.Redis | RedisCluster, prefix: str, since: float | None = None,
+                  limit: int | None = None) -> list[dict[str, Any]]:
+    """Timeline entries with ``ts > since`` (all without it), oldest first.
+
+    ``limit`` keeps the newest ``limit`` of them. An entry that does not
+    decode is skipped (logged at debug level).
+    """
+    key = timeline_key(prefix)
+    low = "-inf" if since is None else f"({float(since)!r}"
+    if limit is None:
+        raws = client.zrangebyscore(key, low, "+inf")
+    else:
+        raws = client.zrevrangebyscore(key, "+inf", low, start=0, num=limit)[::-1]
+    out = []
+    for raw in raws:
+        try:
+            entry = json.loads(raw)
+            if isinstance(entry, dict) and "ts" in entry and "kind" in entry:
+                out.append(entry)
+                continue
+        except ValueError:
+            pass
+        logger.debug("undecodable drift timeline entry %r", raw[:80])
+    return out
+
+
 class MonitorHandler:
     """The worker's handler: decode, read served records, observe, publish; see the module doc.
 
     Args:
         monitor: the state and step.
-        client: Redis (served records, alarms); closed by :meth:`close`.
-        prefix: key prefix of the served records.
+        client: Redis (served records, alarms, timeline); closed by :meth:`close`.
+        prefix: key prefix of the served records and the timeline.
         registry: where the champion pointer lives; ``None`` = keep the reference given.
-        clock: monotonic seconds (registry polling).
+        clock: monotonic seconds (registry polling, timeline interval).
+        wall_clock: wall-clock seconds (the ``ts`` of timeline entries).
     """
 
-    MAX_PENDING = 100  # alarms kept for a retry while Redis refuses publishes
+    MAX_PENDING = 100  # alarms (and timeline markers) kept for a retry while Redis refuses
 
     def __init__(self, monitor: OnlineMonitor, client: redis.Redis | RedisCluster, prefix: str,
                  registry: ModelRegistry | None, validator: EventValidator | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 wall_clock: Callable[[], float] = time.time) -> None:
         self.monitor = monitor
         self.client = client
         self.prefix = prefix
         self.registry = registry
         self.validator = validator or EventValidator()
         self._clock = clock
+        self._wall_clock = wall_clock
         self._next_poll = 0.0
         self._pending: list[DriftAlarm] = []
+        self._markers: list[dict[str, Any]] = []  # timeline markers not yet written
+        self._next_point = float("-inf")
 
     def handle(self, records: list[Record]) -> Offsets:
         self.refresh_champion()
@@ -431,11 +571,13 @@ class MonitorHandler:
         except _REDIS_ERRORS as e:
             raise TransientError(f"redis unavailable: {e}") from e
         self._publish(self.monitor.observe(events, served))
+        self._write_timeline()
         return next_offsets(records)
 
     def tick(self) -> Offsets:
         self.refresh_champion()
         self._publish(self.monitor.check())
+        self._write_timeline()
         return {}
 
     def revoke(self, partitions: Sequence[TopicPartition]) -> Offsets:
@@ -459,10 +601,41 @@ class MonitorHandler:
         except Exception as e:  # an unreachable store or a broken version: keep the old one
             logger.warning("cannot read the champion from %s: %s", self.registry.root, e)
             return
+        previous = self.monitor.reference.version if self.monitor.reference else None
         self.monitor.set_reference(reference)
+        self._mark(champion_marker(reference.version, previous, self._wall_clock()))
         logger.info("monitoring against champion %s", reference.version)
 
+    def _mark(self, marker: dict[str, Any]) -> None:
+        if self.monitor.settings.timeline_interval_s > 0:
+            self._markers = [*self._markers, marker][-self.MAX_PENDING:]
+
+    def _write_timeline(self) -> None:
+        """Write the pending markers, and a point when one is due; never raises."""
+        settings = self.monitor.settings
+        if settings.timeline_interval_s <= 0:
+            return
+        now = self._clock()
+        entries = list(self._markers)
+        if now >= self._next_point:
+            self._next_point = now + settings.timeline_interval_s
+            entries.append(self.monitor.timeline_point(self._wall_clock()))
+        if not entries:
+            return
+        try:
+            write_timeline(self.client, self.prefix, entries, settings.timeline_max_points)
+        except (*_REDIS_ERRORS, ValueError) as e:
+            self.monitor.metrics.timeline_failures.inc()
+            logger.warning("drift timeline not written (markers retried later): %s", e)
+            return
+        self._markers = []
+        for entry in entries:
+            self.monitor.metrics.timeline_points.labels(entry["kind"]).inc()
+
     def _publish(self, alarms: list[DriftAlarm]) -> None:
+        champion = self.monitor.reference.version if self.monitor.reference else None
+        for alarm in alarms:
+            self._mark(alarm_marker(alarm, champion, self._wall_clock()))
         todo, self._pending = [*self._pending, *alarms], []
         channel = self.monitor.settings.alarm_channel
         for i, alarm in enumerate(todo):

@@ -96,6 +96,14 @@ class MonitorSettings(BaseSettings):
     metrics_port: int = Field(
         9403, ge=0, le=65535, description="Prometheus port of the monitor (0 = any)"
     )
+    # The drift timeline in Redis (what the demo page charts; docs/drift.md).
+    timeline_interval_s: float = Field(
+        5.0, ge=0, le=3600,
+        description="seconds between two points of the drift timeline in Redis (0 = none written)",
+    )
+    timeline_max_points: int = Field(
+        2000, ge=1, le=1_000_000, description="timeline entries kept; the oldest are dropped"
+    )
 
     @field_validator("event_types")
     @classmethod

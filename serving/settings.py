@@ -78,6 +78,9 @@ class ServingSettings(BaseSettings):
     cors_origins: str = Field(
         "", description="comma-separated origins allowed by CORS; empty = CORS off"
     )
+    demo_page: bool = Field(
+        True, description="serve the demo page on / (its assets on /static/); off = API only"
+    )
     # Models, fallbacks, online-evaluation record.
     registry_poll_s: float = Field(
         5.0, gt=0, le=3600, description="how often the CURRENT pointer is read"

@@ -24,6 +24,7 @@ from ingest.kafka import KafkaClientError, ensure_topics, make_producer
 from ingest.settings import IngestSettings, KafkaSettings, RedisSettings
 from streamrec import __version__
 from streamrec.models_cli import models
+from streamrec.run import ROLES, RunSettings
 from streamrec.settings import (
     SECTIONS,
     LogSettings,
@@ -725,6 +726,54 @@ def retrain(once: bool, cron: str | None) -> None:
     click.echo(line)
     if summary.outcome == "failed":
         raise click.ClickException(summary.error or "retrain failed")
+
+
+# --------------------------------------------------------------------------- run
+
+
+@cli.command("run")
+@click.option("--role", "roles", multiple=True, type=click.Choice(list(ROLES)),
+              help="Run only this role (repeatable; default STREAMREC_RUN_ROLES, all roles).")
+@click.option("--no-restart", is_flag=True,
+              help="A child that exits stops everything (exit status 1) instead of a restart.")
+@click.option("--log-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Each role's output in <dir>/<role>.log instead of prefixed on stdout.")
+def run_services(roles: tuple[str, ...], no_restart: bool, log_dir: Path | None) -> None:
+    """Run the long-running services on this host, one process per role.
+
+    Roles: sessions (ingest sessions), archive (ingest archive), serve, monitor,
+    retrain (retrain --schedule); each reads the same settings (environment and
+    --config file) and serves its own metrics port. Ctrl-C / SIGTERM stops them
+    in order (API first, ingest last), each given STREAMREC_RUN_GRACE_S to drain;
+    a child that exits is restarted with back-off. On Kubernetes or Compose run
+    one role per container instead (deploy/README.md).
+    """
+    from streamrec.run import Supervisor
+
+    overrides: dict[str, Any] = {}
+    if roles:
+        overrides["roles"] = list(roles)
+    if no_restart:
+        overrides["restart"] = False
+    if log_dir is not None:
+        overrides["log_dir"] = log_dir
+    settings = load(RunSettings, **overrides)
+    kafka, redis_ = connections()
+    needs = {"sessions": kafka.bootstrap and redis_.url, "archive": kafka.bootstrap,
+             "monitor": kafka.bootstrap and redis_.url, "serve": redis_.url}
+    missing = [r for r in settings.roles if r in needs and not needs[r]]
+    if missing:
+        raise click.UsageError(
+            f"role(s) {', '.join(missing)} need Kafka and/or Redis: start the local stack "
+            "(`streamrec up`) or set STREAMREC_KAFKA_BOOTSTRAP / STREAMREC_REDIS_URL")
+    env = dict(os.environ)
+    env.update({k: v for k, v in (("STREAMREC_KAFKA_BOOTSTRAP", kafka.bootstrap),
+                                  ("STREAMREC_REDIS_URL", redis_.url)) if v})
+    click.echo(f"running {', '.join(settings.roles)} (Ctrl-C stops them)", err=True)
+    with stop_on_signal() as stop:
+        status = Supervisor(settings, env=env).run(stop)
+    if status:
+        raise click.ClickException("a service exited; see its output above")
 
 
 # --------------------------------------------------------------------------- demo

@@ -37,6 +37,7 @@ from ingest.settings import IngestSettings, KafkaSettings, RedisSettings
 from retrain.settings import RetrainSettings
 from serving.monitor_settings import MonitorSettings
 from serving.settings import ServingSettings
+from streamrec.run import RunSettings
 
 S = TypeVar("S", bound=BaseSettings)
 
@@ -105,6 +106,7 @@ SECTIONS: dict[str, type[BaseSettings]] = {
     "serving": ServingSettings,
     "monitor": MonitorSettings,
     "retrain": RetrainSettings,
+    "run": RunSettings,
     "stack": StackSettings,
     "log": LogSettings,
 }
