@@ -19,6 +19,7 @@ demo: $(STAMP)  ## run the pipeline on the embedded local stack
 
 test: $(STAMP)  ## lint, then the whole test suite against real servers
 	$(BIN)/ruff check .
+	bash scripts/system-packages.sh
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
