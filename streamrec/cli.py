@@ -780,20 +780,42 @@ def run_services(roles: tuple[str, ...], no_restart: bool, log_dir: Path | None)
 
 
 @cli.command()
-@click.option("--history-events", type=int, default=50_000, show_default=True,
-              help="Simulated history produced as fast as possible first.")
-@click.option("--live-seconds", type=float, default=20.0, show_default=True,
-              help="Then this long of live, paced clicks (0 = skip).")
-@click.option("--speedup", type=float, default=60.0, show_default=True,
+@click.option("--history-hours", type=click.FloatRange(min=0.25), default=2.0, show_default=True,
+              help="Simulated history produced first; the first model is trained on it.")
+@click.option("--live-seconds", type=click.FloatRange(min=0), default=240.0, show_default=True,
+              help="Then this long of live, paced clicks with recommendations asked for.")
+@click.option("--drift-after", type=click.FloatRange(min=0), default=80.0, show_default=True,
+              help="Seconds into the live phase when the simulated world changes.")
+@click.option("--speedup", type=click.FloatRange(min=1), default=30.0, show_default=True,
               help="Event-time speed of the live phase relative to the wall clock.")
+@click.option("--sessions-per-hour", type=click.FloatRange(min=10), default=900.0,
+              show_default=True, help="Simulated session arrivals per event-time hour.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True,
+              help="API and demo page port (a free one if taken; 0 = any).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              default=Path(".streamrec/demo"), show_default=True,
+              help="Where the archive, models, logs and the plot go (emptied first).")
+@click.option("--linger/--no-linger", default=None,
+              help="Keep the services up after the live phase until Ctrl-C "
+              "(default: when stdout is a terminal).")
 @click.option("--seed", type=int, default=7, show_default=True)
-def demo(history_events: int, live_seconds: float, speedup: float, seed: int) -> None:
-    """Run the pipeline on the embedded stack and narrate what happens."""
-    from streamrec.demo import run_demo
+def demo(history_hours: float, live_seconds: float, drift_after: float, speedup: float,
+         sessions_per_hour: float, port: int, out: Path, linger: bool | None, seed: int) -> None:
+    """Run the whole loop on the embedded stack and narrate it.
 
-    run_demo(
-        history_events=history_events, live_seconds=live_seconds, speedup=speedup, seed=seed
-    )
+    Starts a real Valkey and Kafka-compatible broker, the services (as
+    `streamrec run`), streams a simulated history, bootstraps a first model,
+    streams live clicks while asking for recommendations, drifts the world
+    half-way, retrains on schedule and on drift alarms, and reports online
+    HR@10 before and after the drift and after retraining, with a PNG plot.
+    The demo page is at http://127.0.0.1:PORT/ meanwhile. Ctrl-C stops it all.
+    """
+    from streamrec.demo import DemoConfig, run_demo
+
+    run_demo(DemoConfig(
+        history_hours=history_hours, live_seconds=live_seconds, drift_after_s=drift_after,
+        speedup=speedup, sessions_per_hour=sessions_per_hour, port=port, out=out, seed=seed,
+        linger=sys.stdout.isatty() if linger is None else linger))
 
 
 if __name__ == "__main__":
