@@ -788,7 +788,7 @@ def run_services(roles: tuple[str, ...], no_restart: bool, log_dir: Path | None)
               help="Seconds into the live phase when the simulated world changes.")
 @click.option("--speedup", type=click.FloatRange(min=1), default=30.0, show_default=True,
               help="Event-time speed of the live phase relative to the wall clock.")
-@click.option("--sessions-per-hour", type=click.FloatRange(min=10), default=900.0,
+@click.option("--sessions-per-hour", type=click.FloatRange(min=10), default=600.0,
               show_default=True, help="Simulated session arrivals per event-time hour.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True,
               help="API and demo page port (a free one if taken; 0 = any).")

@@ -73,7 +73,7 @@ class DemoConfig:
     live_seconds: float = 240.0
     drift_after_s: float = 80.0
     speedup: float = 30.0
-    sessions_per_hour: float = 900.0
+    sessions_per_hour: float = 600.0
     n_items: int = 200
     seed: int = 7
     out: Path = Path(".streamrec/demo")
