@@ -4,6 +4,11 @@ Each worker gets its own :class:`CollectorRegistry` (so several workers can run
 in one process, as the tests do) and serves it on an HTTP port with
 :func:`serve`. Names follow Prometheus conventions: ``_total`` counters,
 ``_seconds`` histograms, labels for topic/partition/reason/stage.
+
+Counters whose label values are known in advance (the worker's role, every
+dead-letter reason, every kind of duplicate) start at 0 when the metrics are
+built: a series that first appears with its first increment is never seen to
+increase by Prometheus's ``rate()`` and ``increase()``.
 """
 
 from __future__ import annotations
@@ -14,10 +19,19 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from ingest.events import RejectReason
 from ingest.kafka import Record
 
 _BATCH_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2000, 5000, 10000)
 _SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+
+# ``kind`` of the duplicate counter (events the session updater did not apply again):
+DUPLICATE_EVENT_ID = "event_id"  # an event_id already applied to its session
+DUPLICATE_REPLAYED_OFFSET = "replayed_offset"  # a partition offset already applied
+DUPLICATE_KINDS = (DUPLICATE_EVENT_ID, DUPLICATE_REPLAYED_OFFSET)
+#: ``reason`` of the dead-letter counter: the event validator's rejection reasons (every
+#: dead letter is one of them).
+DEAD_LETTER_REASONS = tuple(r.value for r in RejectReason)
 
 
 class ConsumerMetrics:
@@ -68,6 +82,13 @@ class ConsumerMetrics:
             f"{ns}_events_dead_lettered", "Events sent to the dead-letter topic", ["reason"],
             registry=r,
         )
+        # The series known in advance, from 0 (see the module docstring).
+        for counter in (self.consumed, self.applied):
+            counter.labels(role)
+        for kind in DUPLICATE_KINDS:
+            self.duplicates.labels(kind)
+        for reason in DEAD_LETTER_REASONS:
+            self.dead_lettered.labels(reason)
 
     def observe_batch(self, records: Sequence[Record]) -> None:
         self.consumed.labels(self.role).inc(len(records))

@@ -31,7 +31,7 @@ import redis
 from ingest.events import EventValidator, Rejection
 from ingest.failpoints import failpoint
 from ingest.kafka import DeliveryError, Producer, Record, TopicPartition
-from ingest.metrics import ConsumerMetrics
+from ingest.metrics import DUPLICATE_EVENT_ID, DUPLICATE_REPLAYED_OFFSET, ConsumerMetrics
 from ingest.store import Positioned, SessionStore
 from ingest.worker import Offsets, TransientError, next_offsets
 
@@ -202,8 +202,8 @@ class SessionsHandler:
         m = self.metrics
         if result is not None:
             m.applied.labels(m.role).inc(result.applied)
-            m.duplicates.labels("event_id").inc(result.duplicates)
-            m.duplicates.labels("replayed_offset").inc(result.replayed + result.stale)
+            m.duplicates.labels(DUPLICATE_EVENT_ID).inc(result.duplicates)
+            m.duplicates.labels(DUPLICATE_REPLAYED_OFFSET).inc(result.replayed + result.stale)
         for _, rejection in p.rejected:
             m.dead_lettered.labels(rejection.reason.value).inc()
         m.batch_seconds.labels(m.role).observe(time.perf_counter() - p.t_start)

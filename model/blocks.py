@@ -13,6 +13,8 @@ are finite but otherwise unspecified: the caller ignores them.
 
 Blocks: six Hugging Face base models driven through ``inputs_embeds`` (their
 word embeddings are never used and are frozen), a native SASRec, GRU and LSTM.
+``transformers`` is imported when an HF block's config is first checked, so
+SASRec and RNN models (and whatever merely imports this module) never load it.
 
 >>> import torch
 >>> block = build_block(BlockConfig(name="gru", d_model=8, n_layers=1))
@@ -26,20 +28,22 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-import transformers
-from huggingface_hub.errors import StrictDataclassError
 from torch import Tensor, nn
 
 from model.config_base import ConfigError, from_dict
 from model.masking import causal_perm_mask
+
+if TYPE_CHECKING:
+    import transformers
 
 __all__ = [
     "BIDIRECTIONAL_ONLY",
@@ -214,6 +218,10 @@ class BlockConfig:
         # A defensive copy: the config is frozen, the caller's dict is not.
         object.__setattr__(self, "hf", dict(self.hf))
         if self.name in HF_BLOCKS:
+            # Imported here, like transformers (by _hf_specs), and not with the module:
+            # SASRec/GRU/LSTM models and settings-only commands never load them.
+            from huggingface_hub.errors import StrictDataclassError
+
             _check_hf_keys(self)
             try:
                 hf_config(self)
@@ -267,49 +275,55 @@ _ENCODER = {**_NO_TOKENS, "is_decoder": False, "use_cache": False, "add_cross_at
 _BERT = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
 _BERT_DROP = ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout")
 _POS = "max_position_embeddings"
-_T = transformers
 
-# fmt: off
-_HF_SPECS: dict[str, _HFSpec] = {
-    "gpt2": _HFSpec(
-        _T.GPT2Config, _T.GPT2Model, ("n_embd", "n_layer", "n_head", "n_inner"),
-        "layer_norm_epsilon", ("resid_pdrop", "embd_pdrop", "attn_pdrop", "summary_first_dropout"),
-        "n_positions", {**_NO_TOKENS, "pad_token_id": None, "use_cache": False},
-        pooler=False, unused=("wte.weight",),
-    ),
-    "xlnet": _HFSpec(
-        _T.XLNetConfig, _T.XLNetModel, ("d_model", "n_layer", "n_head", "d_inner"),
-        "layer_norm_eps", ("dropout", "summary_last_dropout"), None,
-        # "bi" + a causal perm_mask is leak-free; "uni" + perm_mask crashes in HF.
-        # d_head None: derived as d_model // n_head.
-        {**_NO_TOKENS, "pad_token_id": None, "d_head": None, "attn_type": "bi",
-         "mem_len": None, "use_mems_eval": False, "use_mems_train": False},
-        pooler=False,
-        # mask_emb serves the query stream (target_mapping), seg_embed and r_s_bias
-        # token_type_ids: we pass neither.
-        unused=("word_embedding.weight", "mask_emb", "r_s_bias", "seg_embed"),
-    ),
-    "bert": _HFSpec(
-        _T.BertConfig, _T.BertModel, _BERT, "layer_norm_eps", _BERT_DROP, _POS,
-        {**_ENCODER, "pad_token_id": 0},
-    ),
-    "albert": _HFSpec(
-        _T.AlbertConfig, _T.AlbertModel, _BERT, "layer_norm_eps",
-        ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout_prob"),
-        _POS, {**_NO_TOKENS, "pad_token_id": 0}, embedding_size=True,
-    ),
-    "roberta": _HFSpec(
-        _T.RobertaConfig, _T.RobertaModel, _BERT, "layer_norm_eps", _BERT_DROP, _POS,
-        {**_ENCODER, "pad_token_id": 1},
-        position_offset=2,  # positions start at pad_token_id + 1 = 2
-    ),
-    "electra": _HFSpec(
-        _T.ElectraConfig, _T.ElectraModel, _BERT, "layer_norm_eps",
-        (*_BERT_DROP, "summary_last_dropout"), _POS, {**_ENCODER, "pad_token_id": 0},
-        pooler=False, embedding_size=True,
-    ),
-}
-# fmt: on
+
+@functools.cache
+def _hf_specs() -> dict[str, _HFSpec]:
+    """The spec of every HF block; the first call imports ``transformers`` (~3 s)."""
+    import transformers as hf
+
+    # fmt: off
+    return {
+        "gpt2": _HFSpec(
+            hf.GPT2Config, hf.GPT2Model, ("n_embd", "n_layer", "n_head", "n_inner"),
+            "layer_norm_epsilon",
+            ("resid_pdrop", "embd_pdrop", "attn_pdrop", "summary_first_dropout"),
+            "n_positions", {**_NO_TOKENS, "pad_token_id": None, "use_cache": False},
+            pooler=False, unused=("wte.weight",),
+        ),
+        "xlnet": _HFSpec(
+            hf.XLNetConfig, hf.XLNetModel, ("d_model", "n_layer", "n_head", "d_inner"),
+            "layer_norm_eps", ("dropout", "summary_last_dropout"), None,
+            # "bi" + a causal perm_mask is leak-free; "uni" + perm_mask crashes in HF.
+            # d_head None: derived as d_model // n_head.
+            {**_NO_TOKENS, "pad_token_id": None, "d_head": None, "attn_type": "bi",
+             "mem_len": None, "use_mems_eval": False, "use_mems_train": False},
+            pooler=False,
+            # mask_emb serves the query stream (target_mapping), seg_embed and r_s_bias
+            # token_type_ids: we pass neither.
+            unused=("word_embedding.weight", "mask_emb", "r_s_bias", "seg_embed"),
+        ),
+        "bert": _HFSpec(
+            hf.BertConfig, hf.BertModel, _BERT, "layer_norm_eps", _BERT_DROP, _POS,
+            {**_ENCODER, "pad_token_id": 0},
+        ),
+        "albert": _HFSpec(
+            hf.AlbertConfig, hf.AlbertModel, _BERT, "layer_norm_eps",
+            ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout_prob"),
+            _POS, {**_NO_TOKENS, "pad_token_id": 0}, embedding_size=True,
+        ),
+        "roberta": _HFSpec(
+            hf.RobertaConfig, hf.RobertaModel, _BERT, "layer_norm_eps", _BERT_DROP, _POS,
+            {**_ENCODER, "pad_token_id": 1},
+            position_offset=2,  # positions start at pad_token_id + 1 = 2
+        ),
+        "electra": _HFSpec(
+            hf.ElectraConfig, hf.ElectraModel, _BERT, "layer_norm_eps",
+            (*_BERT_DROP, "summary_last_dropout"), _POS, {**_ENCODER, "pad_token_id": 0},
+            pooler=False, embedding_size=True,
+        ),
+    }
+    # fmt: on
 
 
 def _managed_keys(spec: _HFSpec) -> set[str]:
@@ -321,12 +335,14 @@ def _managed_keys(spec: _HFSpec) -> set[str]:
 
 def _model_fields(config_cls: type[transformers.PreTrainedConfig]) -> list[str]:
     """The model-specific fields of an HF config class (the base class's are not ours to set)."""
+    import transformers
+
     base = {f.name for f in dataclasses.fields(transformers.PreTrainedConfig)}
     return [f.name for f in dataclasses.fields(config_cls) if f.name not in base]
 
 
 def _check_hf_keys(cfg: BlockConfig) -> None:
-    spec = _HF_SPECS[cfg.name]
+    spec = _hf_specs()[cfg.name]
     valid = _model_fields(spec.config_cls)
     managed = _managed_keys(spec)
     for key in cfg.hf:
@@ -355,7 +371,7 @@ def hf_config_kwargs(cfg: BlockConfig) -> dict[str, Any]:
     """
     if cfg.name not in HF_BLOCKS:
         raise ValueError(f"{cfg.name!r} is not a Hugging Face block ({', '.join(HF_BLOCKS)})")
-    spec = _HF_SPECS[cfg.name]
+    spec = _hf_specs()[cfg.name]
     kwargs: dict[str, Any] = dict(spec.pinned)
     kwargs.update({key: getattr(cfg, attr) for key, attr in zip(spec.names, _MAPPED, strict=True)})
     if spec.embedding_size:
@@ -371,7 +387,7 @@ def hf_config_kwargs(cfg: BlockConfig) -> dict[str, Any]:
 
 def hf_config(cfg: BlockConfig) -> transformers.PreTrainedConfig:
     """The HF config object built for an HF block (no tensors, cheap)."""
-    return _HF_SPECS[cfg.name].config_cls(**hf_config_kwargs(cfg))
+    return _hf_specs()[cfg.name].config_cls(**hf_config_kwargs(cfg))
 
 
 # --------------------------------------------------------------------------- blocks
@@ -459,7 +475,7 @@ class HFBlock(SequenceBlock):
 
     def __init__(self, config: BlockConfig) -> None:
         super().__init__(config)
-        spec = _HF_SPECS[config.name]
+        spec = _hf_specs()[config.name]
         kwargs = {"add_pooling_layer": False} if spec.pooler else {}
         self.model = spec.model_cls(hf_config(config), **kwargs)
         if spec.model_cls._supports_sdpa:  # not XLNet: its own attention code only

@@ -42,7 +42,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from model.config_base import ConfigError, from_dict
 from model.inttower import (
     TowerConfig,
     TwoTowerModel,
@@ -52,6 +51,7 @@ from model.inttower import (
     save_two_tower,
 )
 from model.model import SessionModel, TopK
+from model.preranker_config import PRE_RANKERS, PreRankConfig
 
 __all__ = [
     "PRE_RANKERS", "Candidates", "ItemIndex", "PreRankConfig", "PreRanker", "build_index",
@@ -59,39 +59,8 @@ __all__ = [
     "save_preranker", "session_user_features",
 ]
 
-PRE_RANKERS = ("none", "inttower")
 MISSING_ID = 1
 INDEX_FILE = "index"
-
-
-@dataclasses.dataclass(frozen=True)
-class PreRankConfig:
-    """The serving setting of the pre-ranking stage.
-
-    Fields:
-        pre_ranker: ``"none"`` (full-catalogue scoring) or ``"inttower"``.
-        top_n: candidates handed to the session model.
-        chunk_size: catalogue items scored at once (memory ``O(B * chunk_size)``).
-        version: directory of the pre-ranker version (:func:`save_preranker`) to load.
-
-    >>> PreRankConfig.from_dict({"pre_ranker": "inttower", "top_n": 500}).top_n
-    500
-    """
-
-    pre_ranker: str = "none"
-    top_n: int = 1000
-    chunk_size: int = 65_536
-    version: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.pre_ranker not in PRE_RANKERS:
-            raise ConfigError(f"pre_ranker {self.pre_ranker!r}: choose one of {PRE_RANKERS}")
-        if self.top_n < 1 or self.chunk_size < 1:
-            raise ConfigError("top_n and chunk_size must be >= 1")
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any] | None) -> PreRankConfig:
-        return from_dict(cls, data)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -68,8 +68,9 @@ from model.registry import ModelRegistry, new_version_name
 from model.trainer import TrainConfig, Trainer
 from retrain.settings import RetrainSettings
 
-__all__ = ["Decision", "FineTune", "RetrainMetrics", "RunSummary", "bootstrap_model_config",
-           "bootstrap_schema", "decide", "fine_tune", "run_once", "session_parts", "split_cuts"]
+__all__ = ["RUN_OUTCOMES", "TRIGGERS", "Decision", "FineTune", "RetrainMetrics", "RunSummary",
+           "bootstrap_model_config", "bootstrap_schema", "decide", "fine_tune", "run_once",
+           "session_parts", "split_cuts"]
 
 logger = logging.getLogger(__name__)
 
@@ -143,6 +144,17 @@ def decide(challenger: Mapping[str, float], champion: Mapping[str, float], metri
 
 # -- the run's record -------------------------------------------------------------------
 
+#: What starts a run: the cron schedule, a drift alarm, or a person (``--once``).
+TRIGGERS = ("schedule", "drift", "manual")
+#: How a run ends, ``outcome -> its reasons``: the label values of
+#: ``streamrec_retrain_runs_total`` besides ``trigger``.
+RUN_OUTCOMES: dict[str, tuple[str, ...]] = {
+    "promoted": ("not_worse", "bootstrap"),
+    "rejected": ("worse", "champion_changed"),
+    "skipped": ("not_enough_data", "no_heldout_queries"),
+    "failed": ("error", "interrupted"),
+}
+
 
 @dataclasses.dataclass
 class RunSummary:
@@ -191,6 +203,12 @@ class RetrainMetrics:
                             "held-out queries, new items of the last run", ["what"], registry=r)
         self.step_seconds = Gauge(f"{ns}_step_seconds", "Time of each step of the last run",
                                   ["step"], registry=r)
+        # Every runs series from 0: one that first appears with its first increment is
+        # never seen to increase by rate() and increase().
+        for trigger in TRIGGERS:
+            for outcome, reasons in RUN_OUTCOMES.items():
+                for reason in reasons:
+                    self.runs.labels(trigger, outcome, reason)
 
     def observe(self, s: RunSummary) -> None:
         self.runs.labels(s.trigger, s.outcome, s.reason).inc()
@@ -213,7 +231,7 @@ def push_metrics(metrics: RetrainMetrics, gateway: str | None) -> None:
     """Push to a Prometheus Pushgateway (a ``--once`` run lives too briefly to be scraped)."""
     if gateway:
         try:
-            push_to_gateway(gateway, job="streamrec_retrain", registry=metrics.registry)
+            push_to_gateway(gateway, job="streamrec-retrain", registry=metrics.registry)
         except OSError as e:
             logger.warning("could not push retrain metrics to %s: %s", gateway, e)
 

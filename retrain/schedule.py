@@ -49,13 +49,20 @@ from prometheus_client import CollectorRegistry, Counter
 
 from ingest.metrics import serve as serve_metrics
 from model.drift import DriftAlarm
-from retrain.job import RetrainMetrics, RunSummary, push_metrics, run_once
+from retrain.job import TRIGGERS, RetrainMetrics, RunSummary, push_metrics, run_once
 from retrain.settings import RetrainSettings
 
 __all__ = ["LOCK_KEY", "Clock", "FileLock", "ManualClock", "RedisLock", "RunLock", "Scheduler",
            "SystemClock", "due_times", "listen_alarms", "make_lock", "once", "serve"]
 
 logger = logging.getLogger(__name__)
+
+# What became of a run request (the ``action`` of streamrec_retrain_triggers_total):
+STARTED = "started"  # the job ran
+COALESCED = "coalesced"  # folded into the request already waiting
+COOLDOWN = "cooldown"  # a drift alarm within cooldown_s of the last alarm-triggered run
+LOCKED = "locked"  # another process held the run lock
+ACTIONS = (STARTED, COALESCED, COOLDOWN, LOCKED)
 
 #: The Redis key of :class:`RedisLock` (value: the holder's random token).
 LOCK_KEY = "streamrec:retrain:lock"
@@ -251,6 +258,10 @@ class Scheduler:
         self.clock = clock or SystemClock()
         self.triggers = Counter("streamrec_retrain_triggers", "Run requests by what became of them",
                                 ["trigger", "action"], registry=registry or CollectorRegistry())
+        for trigger in TRIGGERS:  # every series from 0, so that rate() sees the first request
+            for action in ACTIONS:
+                if action != COOLDOWN or trigger == "drift":  # only alarms cool down
+                    self.triggers.labels(trigger, action)
         self._checked = self.clock.time()  # cron times up to here are handled
         self._pending: str | None = None  # the one waiting request (others coalesce into it)
         self._last_alarm_run: float | None = None
@@ -267,7 +278,7 @@ class Scheduler:
             if trigger == "drift" and last is not None and now - last < self.cooldown_s:
                 logger.info("retrain: drift alarm ignored, %.0fs into the %.0fs cool-down",
                             now - last, self.cooldown_s)
-                self.triggers.labels(trigger, "cooldown").inc()
+                self.triggers.labels(trigger, COOLDOWN).inc()
                 return False
             self._take(trigger)
         self._wake.set()
@@ -278,7 +289,7 @@ class Scheduler:
         if self._pending is None:
             self._pending = trigger
         else:
-            self.triggers.labels(trigger, "coalesced").inc()
+            self.triggers.labels(trigger, COALESCED).inc()
             if trigger == "drift":  # the run that happens counts as the alarm's
                 self._pending = trigger
 
@@ -296,7 +307,7 @@ class Scheduler:
                 if len(due) > 1:
                     logger.warning("retrain: %d%s cron fire times passed; one run for all",
                                    len(due), "+" if len(due) >= _MAX_DUE else "")
-                    self.triggers.labels("schedule", "coalesced").inc(len(due) - 1)
+                    self.triggers.labels("schedule", COALESCED).inc(len(due) - 1)
                 self._take("schedule")
             trigger, self._pending = self._pending, None
         if trigger is None:
@@ -309,13 +320,13 @@ class Scheduler:
             if self._lock is not None and not self._lock.acquire():
                 logger.warning("retrain: another process holds the run lock; %s run skipped",
                                trigger)
-                self.triggers.labels(trigger, "locked").inc()
+                self.triggers.labels(trigger, LOCKED).inc()
                 return None
             try:
                 if trigger == "drift":
                     with self._state:
                         self._last_alarm_run = now
-                self.triggers.labels(trigger, "started").inc()
+                self.triggers.labels(trigger, STARTED).inc()
                 self._job(trigger)
             except Exception:  # the job reports its own failures; the schedule goes on
                 logger.exception("retrain: the %s run raised", trigger)

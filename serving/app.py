@@ -49,7 +49,7 @@ from prometheus_client import (
 from pydantic import BaseModel, ConfigDict, Field, create_model
 from redis.exceptions import RedisClusterException
 
-from ingest.events import ClickEvent, EventValidator, Rejection, encode_event
+from ingest.events import ClickEvent, EventValidator, Rejection, RejectReason, encode_event
 from ingest.kafka import Producer
 from ingest.settings import EVENTS_TOPIC, IngestSettings, KafkaSettings, RedisSettings
 from ingest.store import SessionStore
@@ -72,6 +72,26 @@ STATIC_DIR = Path(__file__).parent / "static"
 # The demo page loads nothing from elsewhere; the policy makes the browser enforce it.
 _PAGE_CSP = ("default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
              "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'")
+
+# Label values known in advance. ServingMetrics starts each of these series at 0: a
+# series that first appears with its first increment is never seen to increase by
+# Prometheus's rate() and increase().
+#: ``op`` of ``streamrec_serving_redis_errors_total``: every Redis call that can fail.
+REDIS_OPS = ("sessions", "served_record", "popularity", "session", "timeline")
+#: ``outcome`` of ``streamrec_serving_request_seconds`` per API endpoint (see _outcome;
+#: the series of other routes and outcomes appear with their first request).
+API_OUTCOMES = {
+    "/v1/recommendations": ("ok", "fallback", "invalid", "too_large", "unavailable", "error"),
+    "/v1/events": ("ok", "invalid", "too_large", "unavailable", "error"),
+}
+
+
+def _rejected_outcome(reason: RejectReason) -> str:
+    return f"rejected_{reason.value}"
+
+
+#: ``outcome`` of ``streamrec_serving_events_total``.
+EVENT_OUTCOMES = ("produced", "failed", *(_rejected_outcome(r) for r in RejectReason))
 
 
 class ServingMetrics:
@@ -99,6 +119,15 @@ class ServingMetrics:
                                       "Items in the local popularity copy.", registry=r)
         self.batcher = BatcherMetrics(r, prefix=ns)
         self.models = ModelMetrics(r, prefix=ns)
+        for endpoint, outcomes in API_OUTCOMES.items():
+            for outcome in outcomes:
+                self.request_seconds.labels(endpoint, outcome)
+        for reason in FallbackReason:
+            self.fallbacks.labels(reason.value)
+        for op in REDIS_OPS:
+            self.redis_errors.labels(op)
+        for outcome in EVENT_OUTCOMES:
+            self.events.labels(outcome)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -534,7 +563,7 @@ def create_app(settings: ServingSettings, *, store: SessionStore, registry: Mode
         for i, d in enumerate(docs):
             ev = validator.validate(d)
             if isinstance(ev, Rejection):
-                m.events.labels(f"rejected_{ev.reason.value}").inc()
+                m.events.labels(_rejected_outcome(ev.reason)).inc()
                 where = f"event {i}: " if isinstance(doc, list) else ""
                 raise HTTPException(422, {"reason": ev.reason.value, "index": i,
                                           "message": where + ev.detail})

@@ -38,12 +38,17 @@ from typing import Any, Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-__all__ = ["BatcherMetrics", "BatchingConfig", "DynamicBatcher", "Overloaded"]
+__all__ = ["SHED_REASONS", "BatcherMetrics", "BatchingConfig", "DynamicBatcher", "Overloaded"]
 
 T = TypeVar("T")
 R = TypeVar("R")
 
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+# Why a request is shed (Overloaded.reason, the ``reason`` label of the shed counter):
+QUEUE_FULL = "queue_full"  # max_queue requests already waiting
+DEADLINE = "deadline"  # still queued after latency_budget_ms
+CLOSED = "closed"  # the batcher is not running (not started yet, or shutting down)
+SHED_REASONS = (QUEUE_FULL, DEADLINE, CLOSED)
 
 
 class Overloaded(RuntimeError):
@@ -85,6 +90,8 @@ class BatcherMetrics:
                                  registry=registry)
         self.shed = Counter(f"{prefix}_shed", "Requests refused or dropped, by reason.",
                             ["reason"], registry=registry)
+        for reason in SHED_REASONS:  # every series from 0: rate() sees the first shed
+            self.shed.labels(reason)
         self.batch_seconds = Histogram(f"{prefix}_batch_seconds", "Time to score one batch.",
                                        registry=registry)
         self.failed_batches = Counter(f"{prefix}_failed_batches",
@@ -153,7 +160,11 @@ class DynamicBatcher(Generic[T, R]):
                 await self._task
             self._task = None
         while self._queue:
-            self._fail(self._queue.popleft(), Overloaded("closed", "the server is shutting down"))
+            pending = self._queue.popleft()
+            if not pending.future.done():
+                self._count_shed(CLOSED)
+            self._fail(pending, Overloaded(CLOSED, "the server is shutting down"))
+        self._gauge()
 
     @property
     def queue_depth(self) -> int:
@@ -164,10 +175,11 @@ class DynamicBatcher(Generic[T, R]):
     async def submit(self, item: T) -> R:
         """Score ``item`` in the next batch; raises :class:`Overloaded` when shed."""
         if self._closed or self._task is None:
-            raise Overloaded("closed", "the batcher is not running")
+            self._count_shed(CLOSED)
+            raise Overloaded(CLOSED, "the batcher is not running")
         if len(self._queue) >= self.config.max_queue:
-            self._count_shed("queue_full")
-            raise Overloaded("queue_full",
+            self._count_shed(QUEUE_FULL)
+            raise Overloaded(QUEUE_FULL,
                              f"{len(self._queue)} requests already waiting (max_queue)")
         pending = _Pending(item, self._clock(), asyncio.get_running_loop().create_future())
         self._queue.append(pending)
@@ -212,9 +224,9 @@ class DynamicBatcher(Generic[T, R]):
             if p.future.done():  # the caller went away (cancelled)
                 continue
             if now - p.arrival > budget:
-                self._count_shed("deadline")
+                self._count_shed(DEADLINE)
                 self._fail(p, Overloaded(
-                    "deadline", f"waited {1e3 * (now - p.arrival):.0f} ms, over the "
+                    DEADLINE, f"waited {1e3 * (now - p.arrival):.0f} ms, over the "
                     f"{self.config.latency_budget_ms:.0f} ms latency budget"))
                 continue
             batch.append(p)

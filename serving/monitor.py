@@ -52,6 +52,7 @@ from ingest.settings import KafkaSettings, RedisSettings
 from ingest.worker import Offsets, TransientError, Worker, WorkerOptions, next_offsets
 from model.checkpoint import CONFIG_FILE, WORKFLOW_DIR
 from model.drift import (
+    DETECTOR_NAMES,
     HR_PAGE_HINKLEY,
     ITEM_JS,
     ITEM_PSI,
@@ -79,6 +80,11 @@ logger = logging.getLogger(__name__)
 _REDIS_ERRORS = (redis.exceptions.RedisError, OSError)
 NO_VERSION = "none"  # model_version label of answers no model gave (fallbacks)
 MAX_VERSIONS = 8  # served versions with live quality state; the least recent are dropped
+INVALID_CLICK = "invalid"  # a record that is not a valid event
+#: ``outcome`` of ``streamrec_drift_clicks_total`` (see MonitorMetrics.clicks).
+CLICK_OUTCOMES = ("scored", "no_answer", "not_next", INVALID_CLICK)
+#: ``answer`` of the online-quality series: a model's answer, or a popularity fallback.
+MODEL_ANSWER, FALLBACK_ANSWER = "model", "fallback"
 
 
 class MonitorMetrics:
@@ -125,6 +131,23 @@ class MonitorMetrics:
                                        registry=r)
         self.timeline_failures = Counter(f"{ns}_timeline_write_failures", "Drift timeline "
                                          "writes that failed (markers are retried)", registry=r)
+        # Counter series known in advance start at 0: one that first appears with its
+        # first increment is never seen to increase by rate() and increase(). Those of a
+        # model version start when the version is first seen (:meth:`start_version`).
+        for outcome in CLICK_OUTCOMES:
+            self.clicks.labels(outcome)
+        self._start_answer(NO_VERSION, FALLBACK_ANSWER)
+
+    def _start_answer(self, version: str, answer: str) -> None:
+        for counter in (self.scored, self.hits, self.ndcg_sum):
+            counter.labels(version, answer)
+
+    def start_version(self, version: str, champion: bool) -> None:
+        """Start the counters of a model version at 0: its model answers' quality and
+        its alarms (every detector for the champion; Page-Hinkley for any other)."""
+        self._start_answer(version, MODEL_ANSWER)
+        for detector in DETECTOR_NAMES if champion else (HR_PAGE_HINKLEY,):
+            self.alarms.labels(detector, version)
 
 
 @dataclass(frozen=True)
@@ -237,6 +260,7 @@ class OnlineMonitor:
         self._last_alarm.clear()
         self.reference = reference
         m.champion.labels(reference.version).set(1)
+        m.start_version(reference.version, champion=True)
         self._items = (DistributionMonitor(reference.items, self.settings.distribution())
                        if reference.items is not None else None)
         self._lengths = (LengthShift(reference.lengths, self.settings.length_shift())
@@ -250,7 +274,7 @@ class OnlineMonitor:
         """Score and count ``events`` (in stream order); returns the alarms to publish."""
         alarms: list[DriftAlarm] = []
         touched: set[tuple[str, str]] = set()
-        outcomes = {"scored": 0, "no_answer": 0, "not_next": 0}
+        outcomes = dict.fromkeys(CLICK_OUTCOMES, 0)
         for ev in events:
             if self._types and ev.event_type not in self._types:
                 continue
@@ -275,7 +299,7 @@ class OnlineMonitor:
         if previous is not None and previous >= answer.ts:
             return "not_next"  # an earlier click already answered this recommendation
         version = answer.model_version or NO_VERSION
-        kind = "model" if answer.fallback is None and answer.model_version else "fallback"
+        kind = MODEL_ANSWER if answer.fallback is None and answer.model_version else FALLBACK_ANSWER
         key = (version, kind)
         quality = self._quality.get(key)
         if quality is None:
@@ -289,17 +313,19 @@ class OnlineMonitor:
         totals = self._totals.setdefault(key, [0, 0])
         totals[0] += 1
         totals[1] += int(hit)
-        if kind == "model":
+        if kind == MODEL_ANSWER:
             self._model_totals[0] += 1
             self._model_totals[1] += int(hit)
         m = self.metrics
         m.scored.labels(*key).inc()
         m.hits.labels(*key).inc(hit)
         m.ndcg_sum.labels(*key).inc(gain)
-        if kind == "model":
+        if kind == MODEL_ANSWER:
             ph = self._ph.get(version)
             if ph is None:
                 ph = self._ph[version] = PageHinkley(self.settings.page_hinkley())
+                champion = self.reference is not None and self.reference.version == version
+                m.start_version(version, champion=champion)
             ph.update(hit)
             if ph.drift_detected:
                 alarm = self._alarm(HR_PAGE_HINKLEY, ph.statistic, ph.config.threshold,
@@ -329,14 +355,14 @@ class OnlineMonitor:
             q = self._quality[key]
             m.hr.labels(*key).set(q.hr or 0.0)
             m.ndcg.labels(*key).set(q.ndcg or 0.0)
-            if key[1] == "model":
+            if key[1] == MODEL_ANSWER:
                 m.page_hinkley.labels(key[0]).set(self._ph[key[0]].statistic)
         while len(self._quality) > MAX_VERSIONS:
             (version, kind), _ = self._quality.popitem(last=False)
             self._totals.pop((version, kind), None)
             for gauge in (m.hr, m.ndcg):
                 gauge.remove(version, kind)
-            if kind == "model":
+            if kind == MODEL_ANSWER:
                 self._ph.pop(version, None)
                 m.page_hinkley.remove(version)
 
@@ -352,7 +378,7 @@ class OnlineMonitor:
         """
         ref = self.reference
         champion = ref.version if ref is not None else None
-        quality = self._quality.get((champion, "model")) if champion is not None else None
+        quality = self._quality.get((champion, MODEL_ANSWER)) if champion is not None else None
         items = self._items.statistics() if self._items is not None else {}
         versions = []
         for (version, kind), q in self._quality.items():
@@ -565,7 +591,7 @@ class MonitorHandler:
         events, rejected = self.validator.decode_batch(
             [r.value if r.value is not None else b"" for r in records], [r.key for r in records])
         if rejected:
-            self.monitor.metrics.clicks.labels("invalid").inc(len(rejected))
+            self.monitor.metrics.clicks.labels(INVALID_CLICK).inc(len(rejected))
         try:
             served = read_served(self.client, self.prefix, (e.session_id for e in events))
         except _REDIS_ERRORS as e:

@@ -20,7 +20,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from model.preranker import PreRankConfig
+from model.preranker_config import PreRankConfig
 from serving.batcher import BatchingConfig
 
 __all__ = ["ServingSettings"]

@@ -344,7 +344,8 @@ def test_cli_retrain_once_reports_and_respects_the_lock(
     env = {"STREAMREC_RETRAIN_MODELS_ROOT": str(tmp_path / "models"),
            "STREAMREC_RETRAIN_STATE_DIR": str(tmp_path / "state"),
            "STREAMREC_RETRAIN_ARCHIVE_ROOT": str(tmp_path / "archive"),
-           "STREAMREC_RETRAIN_LOCK": "file", "STREAMREC_RETRAIN_PROGRESS": "false"}
+           "STREAMREC_RETRAIN_LOCK": "file", "STREAMREC_RETRAIN_PROGRESS": "false",
+           "STREAMREC_RETRAIN_BOOTSTRAP": "false"}
     assert "--schedule" in runner.invoke(cli, ["retrain", "--help"]).output
     r = runner.invoke(cli, ["retrain"], env=env)
     assert r.exit_code == 2 and "either --once or --schedule" in r.output

@@ -221,7 +221,7 @@ def test_serve_runs_the_job_on_schedule_until_stopped(tmp_path: Path) -> None:
     """The wiring of `streamrec retrain --schedule`: an empty registry, so each run fails fast."""
     settings = RetrainSettings(models_root=str(tmp_path / "models"), state_dir=tmp_path / "state",
                                archive_root=str(tmp_path / "archive"), metrics_port=0,
-                               lock="file", progress=False)
+                               lock="file", progress=False, bootstrap=False)
     stop = threading.Event()
     thread = threading.Thread(target=serve, args=(settings, "*/5 * * * *", stop),
                               kwargs={"clock": ManualClock(T0)})
