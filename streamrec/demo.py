@@ -29,6 +29,7 @@ import contextlib
 import http.client
 import itertools
 import json
+import logging
 import os
 import shutil
 import sys
@@ -164,6 +165,7 @@ class Demo:
         self.live_start: float | None = None
         self.drift_wall: float | None = None
         self.answers: dict[str, dict[str, Any]] = {}  # session -> last response
+        self.answered = deque[str](maxlen=100)  # sessions answered, latest last
         self.sent = 0
         self.requests = deque[float](maxlen=2000)
         self.errors = 0
@@ -385,7 +387,6 @@ class Demo:
         encode = msgspec.json.Encoder().encode
         api = Api(self.ports.api)
         seen: set[str] = set()
-        watched: deque[str] = deque(maxlen=2)
         ts0 = self.first_live["ts"]  # simulator time: the drift is at drift_ms
         drift_ms = int(self.t0 * 1000 + cfg.drift_after_s * cfg.speedup * 1000)
         self.live_start = wall0 = time.time()
@@ -400,6 +401,7 @@ class Demo:
                     self.requests.append(time.time())
                     if status == 200:
                         self.answers[sid] = body
+                        self.answered.append(sid)
                     else:
                         self.errors += 1
                 except OSError:
@@ -422,15 +424,12 @@ class Demo:
                              "(popularity and item transitions redrawn) --")
                 sid = ev["session_id"]
                 pool.submit(click_, ev, sid in seen)
-                if sid not in seen:
-                    seen.add(sid)
-                    if len(watched) < 2 or sid.endswith("7"):
-                        watched.append(sid)
+                seen.add(sid)
                 self.sent += 1
                 if time.time() >= next_report:
                     next_report += 10
                     sup.poll()
-                    self._report(wall0, list(watched))
+                    self._report(wall0, list(dict.fromkeys(reversed(self.answered)))[:2])
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
             self.producer.flush(30)
@@ -464,7 +463,7 @@ class Demo:
             trail = " -> ".join(e.get("item_id", "?") for e in events[-4:]) or "(none yet)"
             recs = ", ".join(i["item_id"] for i in (ans or {}).get("items", [])[:5]) or "-"
             by = (ans or {}).get("model_version") or (ans or {}).get("fallback") or "-"
-            self.say(f"     session {sid}: {trail}  => shown {recs} (by {by})")
+            self.say(f"     session {sid}: {trail}  => last shown {recs} (by {by})")
 
     # -- the end -------------------------------------------------------------------
     def _finish(self, stack: LocalStack) -> None:
@@ -545,5 +544,9 @@ def _port_free(port: int) -> bool:
 
 
 def run_demo(cfg: DemoConfig) -> None:
+    # The narration says what starts and stops; their INFO lines would only repeat it.
+    for name in ("streamrec.stack", "streamrec.run"):
+        logger = logging.getLogger(name)
+        logger.setLevel(max(logger.getEffectiveLevel(), logging.WARNING))
     with stop_on_signal() as stop:
         Demo(cfg, stop).run()

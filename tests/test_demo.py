@@ -67,7 +67,7 @@ def test_demo_runs_the_whole_loop_and_ends_cleanly(tmp_path: Path) -> None:
     # a first model bootstrapped from the archive, then served to the live sessions
     boot = re.search(r"promoted \(bootstrap\)[^\n]*new champion ([^;\s]+)", text)
     assert boot, text
-    assert re.search(rf"=> shown (i\d+, ){{4}}i\d+ \(by {re.escape(boot.group(1))}\)", text)
+    assert re.search(rf"=> last shown (i\d+, ){{4}}i\d+ \(by {re.escape(boot.group(1))}\)", text)
     assert "the world drifts now" in text
     # the monitor scored the answers: HR@10 before the drift far above chance (10 / 200 items)
     before_hr = float(re.search(r"online HR@10 before the drift: ([\d.]+)", text).group(1))
